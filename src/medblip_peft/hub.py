@@ -214,7 +214,7 @@ def push_to_hub(
     create_pr: bool = False,
     token: str | None = None,
     endpoint: str | None = None,
-    card: ModelCard | None = None,
+    card: ModelCard | str | None = None,
     max_retries: int = 3,
 ) -> CommitInfo:
     """Publish a checkpoint folder to the Hub as one commit, with a generated model card.
@@ -252,7 +252,7 @@ def push_to_hub(
     # Refuse before anything leaves the machine if the token made its way into a text file.
     for name, data in [
         ("README.md", readme),
-        *((p, (root / p).read_bytes()) for p in paths if p.endswith(".json")),
+        *((p, (root / p).read_bytes()) for p in paths if p.endswith((".json", ".txt"))),
     ]:
         if secret.encode() in data:
             raise PushError(

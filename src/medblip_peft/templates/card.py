@@ -29,15 +29,14 @@ STRATEGIES = {
     "lora": "the base weights were frozen and low-rank (LoRA) adapters were trained; this repository holds "
     "the adapter only, which is applied on top of the base model.",
 }
-# Evaluation keys of medblip-peft -> (Hub metric id, display name). Unknown keys are shown as they are.
+# Evaluation keys of medblip-peft -> (Hub metric id, display name). Unknown keys (e.g. clinical_*) are shown
+# as they are and left out of the card's `metrics` list, which should name known metrics only.
 METRICS = {
-    "bleu1": ("bleu", "BLEU-1"),
-    "bleu4": ("bleu", "BLEU-4"),
-    "rouge_l": ("rouge", "ROUGE-L"),
-    "rougeL": ("rouge", "ROUGE-L"),
+    **{f"bleu{sep}{n}": ("bleu", f"BLEU-{n}") for n in range(1, 5) for sep in ("", "_")},
+    **{key: ("rouge", "ROUGE-L") for key in ("rouge_l", "rougeL")},
     "meteor": ("meteor", "METEOR"),
     "cider": ("cider", "CIDEr"),
-    "bertscore_f1": ("bertscore", "BERTScore F1"),
+    **{f"bertscore_{part}": ("bertscore", f"BERTScore {part}") for part in ("precision", "recall", "f1")},
     "val_loss": ("loss", "validation loss"),
 }
 # Configuration keys that could hold a credential are never written into a card.
@@ -223,7 +222,7 @@ def make_model_card(
         pipeline_tag="image-to-text",
         license=license,
         datasets=[dataset_id] if dataset_id else None,
-        metrics=sorted({m for m, _ in (METRICS.get(k, (k, k)) for k in scores)} - {"loss"}) or None,
+        metrics=sorted({METRICS[k][0] for k in scores if k in METRICS} - {"loss"}) or None,
         tags=["medical", "radiology", "blip", strategy, "image-captioning", "medblip-peft"],
         model_name=repo if eval_results else None,
         eval_results=eval_results or None,
