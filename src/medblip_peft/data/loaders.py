@@ -245,8 +245,8 @@ def load_caption_dataset(
     ``load_image``, where a bad image is skipped and recorded instead of crashing the data loader.
 
     Raises:
-        ValueError: a configured column is missing (the message lists the available ones), or every row was
-            skipped.
+        ValueError: a configured column or split is missing (the message lists the available ones), or every
+            row was skipped.
         FileNotFoundError: ``source`` looks like a local path but does not exist.
     """
     manifest = SkipManifest.coerce(manifest)
@@ -285,14 +285,16 @@ def load_caption_dataset(
 
 
 def _looks_like_local_path(text: str) -> bool:
-    """A typo in a local path should say "not found", not fail later with a Hub network error."""
-    return text.startswith(("/", ".", "~")) or text.lower().endswith(_TABLE_SUFFIXES) or "\\" in text
+    """A typo in a local path should say "not found", not fail later with a Hub network error. Hub ids are
+    ``name`` or ``owner/name``: more than one slash, a leading ``/ . ~`` or a table suffix means a path."""
+    local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
+    return local or text.lower().endswith(_TABLE_SUFFIXES)
 
 
 def _pick_split(source: Any, split: str, where: str) -> Dataset:
     if isinstance(source, DatasetDict):
         if split not in source:
-            raise KeyError(
+            raise ValueError(
                 f"split={split!r} not in {where}; available splits: {sorted(source)}. Pass split= with one of them."
             )
         return source[split]
