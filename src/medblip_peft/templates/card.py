@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import textwrap
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -48,7 +49,9 @@ from transformers import BlipForConditionalGeneration, BlipProcessor
 
 {load}processor = BlipProcessor.from_pretrained("{repo}")
 inputs = processor(images=Image.open("chest_xray.png").convert("RGB"){prompt}, return_tensors="pt")
-ids = model.generate(**inputs, num_beams=3, max_new_tokens=64)
+ids = model.generate(
+{generation}
+)
 print(processor.batch_decode(ids, skip_special_tokens=True)[0])
 ```"""
 LORA_HINT = """Not needed: this repository holds complete weights. To keep fine-tuning it with LoRA, wrap it:
@@ -147,9 +150,27 @@ def _eval_section(meta: dict[str, Any]) -> str:
     return "Scores recorded by the training run on its held-out evaluation data.\n\n" + _table(header, rows)
 
 
+def _generation() -> str:
+    """Captioner's generation settings as keyword arguments, so that the snippets caption as it does."""
+    from transformers import GenerationConfig
+
+    from medblip_peft.caption import DEFAULT_GENERATION
+
+    defaults = GenerationConfig()
+    kwargs = ["**inputs"] + [
+        f"{k}={v!r}" for k, v in DEFAULT_GENERATION.items() if getattr(defaults, k, None) != v
+    ]
+    return textwrap.fill(", ".join(kwargs) + ",", width=100, initial_indent="    ", subsequent_indent="    ")
+
+
 def _load_sections(strategy: str, repo: str, base: str | None, prompt: str | None) -> tuple[str, str]:
     """The "with transformers" and "with peft" parts of the card."""
-    fill = {"repo": repo, "imports": "", "prompt": f", text={prompt!r}" if prompt else ""}
+    fill = {
+        "repo": repo,
+        "imports": "",
+        "prompt": f", text={prompt!r}" if prompt else "",
+        "generation": _generation(),
+    }
     direct = SNIPPET.format(load=f'model = BlipForConditionalGeneration.from_pretrained("{repo}")\n', **fill)
     if strategy != "lora":
         return direct, LORA_HINT
