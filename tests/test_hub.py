@@ -92,6 +92,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def fake_hub(monkeypatch: pytest.MonkeyPatch):
+    """A loopback Hub; the test suite's offline switch is turned off, since nothing leaves 127.0.0.1."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # the usual source; push_to_hub is never given the token
     monkeypatch.setattr(hub, "RETRY_BASE_WAIT_S", 0.0)
     with FakeHub() as server:
@@ -445,3 +449,22 @@ def test_captioner_push_to_hub_is_a_thin_wrapper(checkpoints, fake_hub):
     assert fake_hub.created[0]["visibility"] == "private" and commit.summary == "from a Captioner"
     assert {"model.safetensors", "config.json", "README.md"} <= set(commit.files)
     assert ModelCard(commit.files["README.md"].decode()).data.base_model == BASE_ID
+
+
+def test_push_then_load_by_repo_id_online_then_offline(checkpoints, fake_hub, tmp_path, monkeypatch, images):
+    """The round trip through the fake Hub: publish a base and an adapter, load the adapter by repo id."""
+    push_to_hub(checkpoints["base"], BASE_ID, endpoint=fake_hub.url)
+    push_to_hub(checkpoints["lora"], "org/lora", endpoint=fake_hub.url)
+    fake_hub.add_file("org/lora", "pytorch_model.bin", b"a pickle uploaded by some other tool")
+    fake_hub.patch_endpoint(monkeypatch)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    expected = Captioner.from_pretrained(checkpoints["lora"], device="cpu")(images, **GENERATION)
+
+    assert Captioner.from_pretrained("org/lora", device="cpu")(images, **GENERATION) == expected
+    fetched = {r.path.split("/", 5)[-1] for r in fake_hub.requests if r.route == "resolve"}
+    assert {"adapter_model.safetensors", "model.safetensors", "README.md"} <= fetched
+    assert "pytorch_model.bin" not in fetched
+
+    fake_hub.fail(500)  # any request now fails: the second load must come from the cache alone
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert Captioner.from_pretrained("org/lora", device="cpu")(images, **GENERATION) == expected

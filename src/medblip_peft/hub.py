@@ -66,9 +66,9 @@ class UnsafeWeightsError(ValueError):
 
 
 def _offline() -> bool:
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import; also honour a variable set later in the process
-    # so that "offline" never silently means "try the network".
-    env = os.environ.get("HF_HUB_OFFLINE", "").upper()
+    # huggingface_hub reads HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) once, at import; also honour a variable
+    # set later in the process, so that "offline" never silently means "try the network".
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").upper()
     return constants.HF_HUB_OFFLINE or env in {"1", "ON", "YES", "TRUE"}
 
 
@@ -154,8 +154,12 @@ TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 RETRY_BASE_WAIT_S = 2.0  # doubled after every failed attempt
 
 
-class PushError(RuntimeError):
-    """A push was refused or failed. The local folder is never modified by a push."""
+class PushError(OSError):
+    """A push was refused or failed. The local folder is never modified by a push.
+
+    An ``OSError``, like the connection and HTTP errors it stands for, so that callers (and the CLI) that
+    handle I/O failures handle it too.
+    """
 
 
 def files_to_push(folder: str | os.PathLike[str]) -> list[str]:
