@@ -22,12 +22,18 @@ from medblip_peft.evaluation import caption_stats
 def read_captions(roco_root: Path) -> list[str]:
     """Captions of ``validation/radiology/captions.txt`` (``ID<TAB> caption``; the leading space is dropped)."""
     path = roco_root / "validation" / "radiology" / "captions.txt"
-    return [line.split("\t", 1)[1].strip() for line in path.read_text(encoding="utf-8").splitlines() if "\t" in line]
+    return [
+        line.split("\t", 1)[1].strip()
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if "\t" in line
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--roco", type=Path, default=Path("/work/shared/roco"), help="ROCO root (original layout)")
+    parser.add_argument(
+        "--roco", type=Path, default=Path("/work/shared/roco"), help="ROCO root (original layout)"
+    )
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples to time")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

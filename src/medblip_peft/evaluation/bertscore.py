@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -46,11 +47,29 @@ class BERTScoreConfig:
 _CACHE: dict[BERTScoreConfig, object] = {}
 
 
+_NOT_AVAILABLE = (
+    "BERTScore model {!r} is not available: it is not a local directory, not in the Hugging Face cache, and the "
+    "Hub is unreachable (HF_HUB_OFFLINE or no network). Download it once with network access, or pass a local "
+    "directory as `model_type` together with `num_layers`."
+)
+
+
+def _check_offline_availability(model_type: str) -> None:
+    """Fail fast, with the fix in the message, instead of letting transformers retry the network."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if Path(model_type).is_dir() or not constants.is_offline_mode():
+        return
+    if not isinstance(try_to_load_from_cache(model_type, "config.json"), str):
+        raise OSError(_NOT_AVAILABLE.format(model_type))
+
+
 def _scorer(config: BERTScoreConfig):
     if config in _CACHE:
         return _CACHE[config]
     from bert_score import BERTScorer
 
+    _check_offline_availability(config.model_type)
     kwargs = asdict(config)
     try:
         scorer = BERTScorer(**kwargs)
@@ -60,11 +79,7 @@ def _scorer(config: BERTScoreConfig):
             "(e.g. bertscore={'model_type': ..., 'num_layers': 6})"
         ) from err
     except OSError as err:
-        raise OSError(
-            f"BERTScore model {config.model_type!r} could not be loaded, probably because it is not in the local "
-            "Hugging Face cache and the Hub is unreachable (HF_HUB_OFFLINE). Download it once with network "
-            "access, or pass a local directory as `model_type` together with `num_layers`."
-        ) from err
+        raise OSError(_NOT_AVAILABLE.format(config.model_type)) from err
     _CACHE.clear()
     _CACHE[config] = scorer
     return scorer
@@ -83,7 +98,11 @@ def bertscore_stats(
     """
     config = config or BERTScoreConfig()
     scorer = _scorer(config)
-    keep = [i for i, (p, refs) in enumerate(zip(predictions, references)) if p.strip() and any(r.strip() for r in refs)]
+    keep = [
+        i
+        for i, (p, refs) in enumerate(zip(predictions, references))
+        if p.strip() and any(r.strip() for r in refs)
+    ]
     raw = np.zeros((len(predictions), 3))
     if keep:
         cands = [predictions[i] for i in keep]

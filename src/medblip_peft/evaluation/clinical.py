@@ -94,5 +94,8 @@ def clinical_stats(
         rows.append(_image_row(lexicon.concept_sets(pred), union, groups))
     table = np.asarray(rows, dtype=float).reshape(len(rows), 3 * len(groups) + 4)
     return MetricStats(
-        names=_names(groups), table=table, aggregate=_make_aggregate(len(groups)), note="exact: ratios of summed counts"
+        names=_names(groups),
+        table=table,
+        aggregate=_make_aggregate(len(groups)),
+        note="exact: ratios of summed counts",
     )

@@ -103,7 +103,9 @@ class RadiologyLexicon:
         for entry in data["concepts"]:
             if entry["group"] not in self.groups:
                 raise ValueError(f"concept {entry['id']!r} has unknown group {entry['group']!r}")
-            concept = Concept(entry["id"], entry["group"], entry["label"], entry.get("cui"), tuple(entry["terms"]))
+            concept = Concept(
+                entry["id"], entry["group"], entry["label"], entry.get("cui"), tuple(entry["terms"])
+            )
             self.concepts[concept.id] = concept
             for term in entry["terms"]:
                 words = _words(term)

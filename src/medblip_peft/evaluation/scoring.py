@@ -87,7 +87,10 @@ class CaptionStats:
         """Scores plus metadata, and a ``"ci"`` dict of ``{metric: (low, high)}`` when ``n_resamples > 0``."""
         out: dict[str, Any] = self.scores()
         out.update(
-            n_images=self.n_images, tokenizer=self.tokenizer, normalize=self.normalize, skipped=list(self.skipped)
+            n_images=self.n_images,
+            tokenizer=self.tokenizer,
+            normalize=self.normalize,
+            skipped=list(self.skipped),
         )
         if n_resamples:
             out["ci"] = bootstrap_ci(
@@ -101,7 +104,9 @@ def _as_reference_lists(references: Sequence[str] | Sequence[Sequence[str]]) -> 
     refs = [[r] if isinstance(r, str) else list(r) for r in references]
     for i, group in enumerate(refs):
         if not group or not all(isinstance(r, str) for r in group):
-            raise ValueError(f"references[{i}] must be a string or a non-empty list of strings, got {group!r}")
+            raise ValueError(
+                f"references[{i}] must be a string or a non-empty list of strings, got {group!r}"
+            )
     return refs
 
 
@@ -249,5 +254,7 @@ def compare_systems(
     stats_b = caption_stats(predictions_b, references, **kwargs)
     out: dict[str, PairedTest] = {}
     for name, fam in stats_a.families.items():
-        out.update(paired_test(fam, stats_b.families[name], method=method, n_resamples=n_resamples, seed=seed))
+        out.update(
+            paired_test(fam, stats_b.families[name], method=method, n_resamples=n_resamples, seed=seed)
+        )
     return out

@@ -6,6 +6,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 __all__ = ["NORMALIZERS", "java_available", "normalize_captions", "tokenize_pairs"]
 
@@ -36,25 +37,43 @@ def normalize_captions(texts: Sequence[str], preset: str = "default") -> list[st
     try:
         fn = NORMALIZERS[preset]
     except KeyError:
-        raise ValueError(f"unknown `normalize` preset {preset!r}; choose one of {sorted(NORMALIZERS)}") from None
+        raise ValueError(
+            f"unknown `normalize` preset {preset!r}; choose one of {sorted(NORMALIZERS)}"
+        ) from None
     return [fn(t) for t in texts]
 
 
-# The punctuation tokens pycocoevalcap's PTBTokenizer drops after tokenising.
-_PTB_PUNCT = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
-# Fallback: words (keeping internal hyphens, apostrophes and decimal points as PTB does) or single symbols.
-_FALLBACK_TOKEN = re.compile(r"\w+(?:[-'.]\w+)*|\.\.\.|--|[^\w\s]")
+# Unicode quotes and dashes that PTB first normalises to `` '' -- and then drops with its punctuation list.
+_UNICODE_PUNCT = frozenset('"\u2010\u2018\u2019\u201c\u201d\u2013\u2014')
+
+
+@lru_cache(maxsize=1)
+def _ptb_punctuation() -> frozenset[str]:
+    # Imported lazily: the clinical metric alone must not require pycocoevalcap.
+    from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS
+
+    return frozenset(PUNCTUATIONS) | _UNICODE_PUNCT
+
+
+# Fallback: words (keeping internal hyphens, slashes and decimal points as PTB does), clitics ("'s"), symbols.
+_FALLBACK_TOKEN = re.compile(r"\w+(?:[-./]\w+)*|'\w+|\.\.\.|--|[^\w\s]")
+
+
+# PTB escapes brackets; pycocoevalcap lowercases *after* that, so "-lrb-" no longer matches its punctuation list
+# ("-LRB-") and brackets survive as tokens.  The fallback reproduces that quirk.
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 
 
 def _fallback_tokenize(text: str) -> str:
     """Approximate PTB tokenisation without Java: lowercase, split off punctuation, drop PTB's punctuation set.
 
-    It differs from Stanford's tokenizer on clitics ("don't" stays one token), brackets (kept as ``(`` rather
-    than ``-LRB-``, so they survive) and some abbreviations; scores are close to, but not equal to, the COCO
-    convention, which is why the result records ``tokenizer="regex"``.
+    It differs from Stanford's tokenizer on clitics ("don't" stays one token), quotes, and abbreviations that
+    PTB keeps with their period ("CT." at the end of a caption stays ``ct.`` under PTB); scores are close to,
+    but not equal to, the COCO convention, which is why the result records ``tokenizer="regex"``.
     """
     tokens = _FALLBACK_TOKEN.findall(text.replace("\n", " ").lower())
-    return " ".join(t for t in tokens if t not in _PTB_PUNCT)
+    drop = _ptb_punctuation()
+    return " ".join(_BRACKETS.get(t, t) for t in tokens if t not in drop)
 
 
 def _ptb_tokenize(texts: list[str]) -> list[str]:
