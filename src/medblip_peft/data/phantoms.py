@@ -50,7 +50,9 @@ def _caption(rng: np.random.Generator, modality: str, side: str | None, level: s
     head = f"{rng.choice(_MODALITY_PHRASES[modality])} of the {_REGION[modality]}"
     if side is None:
         return f"{head} {rng.choice(_NORMAL)}."
-    return f"{head} {rng.choice(_VERBS)} a {rng.choice(_FINDINGS)} in the {level} {side} {rng.choice(_PLACES)}."
+    return (
+        f"{head} {rng.choice(_VERBS)} a {rng.choice(_FINDINGS)} in the {level} {side} {rng.choice(_PLACES)}."
+    )
 
 
 _MODALITY_PATTERNS = [
@@ -138,8 +140,9 @@ def make_phantoms(
         raise ValueError(f"`normal_fraction` must be in [0, 1), got {normal_fraction}.")
 
     rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {k: [] for k in ("image_id", "image", "caption", "modality", "side", "level",
-                                              "mask", "lesion_box")}
+    rows: dict[str, list] = {
+        k: [] for k in ("image_id", "image", "caption", "modality", "side", "level", "mask", "lesion_box")
+    }
     x, y = _grid(image_size)
     for i in range(n):
         modality = str(modalities[i % len(modalities)])

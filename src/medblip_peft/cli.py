@@ -1,0 +1,205 @@
+"""`medblip-peft`: a thin command-line shell over the Python API.
+
+Each subcommand is one `add_*` function that declares its flags and one `run_*` function that calls the API;
+the registry `COMMANDS` at the bottom maps names to them. `train` flags are generated from `AdaptConfig`, so the CLI, YAML
+files and the Python API share one set of names and one validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+
+# --- demo ------------------------------------------------------------------------------------------------
+def add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", default="full", help="full, encoder, decoder or lora (default: full)")
+    p.add_argument(
+        "--output-dir", default="medblip_demo", help="where the checkpoint goes (default: ./medblip_demo)"
+    )
+    p.add_argument("--train-size", type=int, default=None, help="number of training phantoms")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from medblip_peft.demo import run_demo
+
+    kwargs = {
+        k: v for k, v in {"train_size": args.train_size, "num_epochs": args.epochs}.items() if v is not None
+    }
+    result = run_demo(strategy=args.strategy, output_dir=args.output_dir, seed=args.seed, **kwargs)
+    print(json.dumps({k: result[k] for k in ("before", "after", "seconds", "output_dir")}, indent=2))
+    return 0
+
+
+# --- train -----------------------------------------------------------------------------------------------
+_RUN_KEYS = ("model", "train_data", "eval_data", "strategy", "output_dir")
+
+
+def _flag_type(annotation: str) -> dict[str, Any]:
+    if "bool" in annotation:
+        return {"action": argparse.BooleanOptionalAction}
+    if annotation.startswith("list"):
+        return {"nargs": "+"}
+    for name, cast in (("int", int), ("float", float)):
+        if annotation.startswith(name):
+            return {"type": cast}
+    return {"type": str}
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One `--field-name` flag per AdaptConfig field (except Python-only ones), defaulting to 'not given'."""
+    from medblip_peft.config import AdaptConfig
+
+    group = p.add_argument_group("AdaptConfig fields (override --config)")
+    for f in dataclasses.fields(AdaptConfig):
+        if f.name == "peft_config":
+            continue
+        group.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            help=f.metadata.get("help"),
+            **_flag_type(str(f.type)),
+        )
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        help="YAML/JSON file of AdaptConfig fields; may also set model, train_data, "
+        "eval_data, strategy and output_dir. Flags override it.",
+    )
+    p.add_argument(
+        "--model", help="base BLIP: Hub id or path (default Salesforce/blip-image-captioning-base)"
+    )
+    p.add_argument("--train-data", help="ROCO root, imagefolder, CSV/JSONL file or Hub dataset id")
+    p.add_argument("--eval-data", help="validation data, same forms as --train-data")
+    p.add_argument("--strategy", help="full, encoder, decoder or lora (default lora)")
+    p.add_argument("--output-dir", help="where checkpoints and the final model go")
+    add_config_flags(p)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from medblip_peft.config import AdaptConfig
+    from medblip_peft.train import adapt
+
+    file_values: dict[str, Any] = {}
+    if args.config:
+        file_values = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
+        if not isinstance(file_values, dict):
+            raise SystemExit(f"error: {args.config} must hold a mapping of settings.")
+    run = {k: file_values.pop(k, None) for k in _RUN_KEYS}
+    run.update({k: getattr(args, k) for k in _RUN_KEYS if getattr(args, k, None) is not None})
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(AdaptConfig) if hasattr(args, f.name)}
+    try:
+        config = AdaptConfig().replace(**{**file_values, **flags})
+    except TypeError as err:  # unknown keys in the YAML file
+        raise ValueError(f"{args.config}: {err}") from None
+    if not run["train_data"]:
+        raise SystemExit("error: no training data; pass --train-data or set train_data in --config.")
+    result = adapt(
+        run["model"] or "Salesforce/blip-image-captioning-base",
+        run["train_data"],
+        strategy=run["strategy"] or "lora",
+        eval_data=run["eval_data"],
+        output_dir=run["output_dir"],
+        config=config,
+    )
+    summary = {
+        "output_dir": str(result.output_dir),
+        "strategy": result.strategy,
+        "steps": len([h for h in result.history if "loss" in h]),
+        "train_seconds": round(result.train_seconds, 1),
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "skipped": result.skipped,
+        "truncated_captions": result.truncated_captions,
+        "metrics": result.metrics,
+    }
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+# --- caption ---------------------------------------------------------------------------------------------
+def add_caption(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, DICOM, ...)")
+    p.add_argument("--checkpoint", required=True, help="trained model directory or Hub repo id")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-beams", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--output", help="also write JSON lines {image, caption} to this file")
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    from medblip_peft.caption import Captioner
+
+    captioner = Captioner.from_pretrained(args.checkpoint, revision=args.revision, device=args.device)
+    overrides = {
+        k: v
+        for k, v in {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}.items()
+        if v is not None
+    }
+    captions = captioner(
+        args.images, batch_size=args.batch_size, progress=len(args.images) > args.batch_size, **overrides
+    )
+    rows = [{"image": img, "caption": cap} for img, cap in zip(args.images, captions)]
+    for row in rows:
+        print(f"{row['image']}\t{row['caption']}")
+    if args.output:
+        Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return 0
+
+
+# --- entry point ---------------------------------------------------------------------------------------
+# name -> (help, add_arguments, run). Later subcommands register here the same way.
+COMMANDS: dict[
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {
+    "demo": (
+        "Train a tiny BLIP on synthetic phantoms offline and show that it learns (about 2 minutes).",
+        add_demo,
+        run_demo,
+    ),
+    "train": ("Fine-tune BLIP with one strategy (adapt()).", add_train, run_train),
+    "caption": ("Caption images with a trained checkpoint.", add_caption, run_caption),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medblip_peft import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="medblip-peft", description="Fine-tune BLIP to caption radiology images."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add, _) in COMMANDS.items():
+        add(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][2](args)
+    except (ValueError, OSError) as err:  # user errors: bad input, missing files, not cached
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

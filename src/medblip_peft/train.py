@@ -1,0 +1,488 @@
+"""`adapt()`: fine-tune BLIP with one strategy through accelerate, from one CPU to many GPUs.
+
+The loop reads top to bottom: prepare, then for each batch accumulate, backward, clip, step; evaluate each
+epoch; keep the best weights; save. Frozen towers run without autograd.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medblip_peft.caption import METADATA_FILE, Captioner, load_blip
+from medblip_peft.config import AdaptConfig, canonical_strategy
+from medblip_peft.data.collate import IGNORE_INDEX, CaptionCollator
+from medblip_peft.data.manifest import SkipManifest
+from medblip_peft.strategies import apply_strategy, blip_core, format_parameter_report, parameter_report
+
+__all__ = ["AdaptResult", "CaptioningLoss", "adapt", "save_checkpoint"]
+
+
+@dataclass
+class AdaptResult:
+    """What `adapt()` returns: the trained model and processor, where it was saved, and how training went."""
+
+    model: nn.Module
+    processor: Any
+    output_dir: Path | None
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    trainable_params: int
+    total_params: int
+    train_seconds: float
+    peak_memory_bytes: int
+    strategy: str = "lora"
+    parameter_report: dict[str, dict[str, int]] = field(default_factory=dict)
+    skipped: int = 0
+    truncated_captions: int = 0
+    prompt: str | None = None
+
+    def captioner(self, **kwargs: Any) -> Captioner:
+        """A `Captioner` around the trained model (same prompt as in training)."""
+        return Captioner(self.model, self.processor, **{"prompt": self.prompt, **kwargs})
+
+    def push_to_hub(self, repo_id: str, *, private: bool = True, **kwargs: Any):
+        """Push the saved output directory to the Hub (private by default); see `medblip_peft.hub.push_to_hub`."""
+        from medblip_peft.hub import push_to_hub
+
+        if self.output_dir is None:
+            raise ValueError("This result has no output directory to push; run adapt() with `output_dir=`.")
+        return push_to_hub(self.output_dir, repo_id, private=private, **kwargs)
+
+
+class CaptioningLoss(nn.Module):
+    """Caption cross-entropy of a BLIP, as one module so that DDP sees a single forward.
+
+    The vision tower runs without autograd when nothing trainable feeds it. The loss is computed here, not by
+    BLIP, so that label smoothing and the -100 mask are explicit: position t predicts token t+1, and only
+    positions whose label is not -100 (real caption tokens and [SEP]) count.
+    """
+
+    def __init__(self, model: nn.Module, *, vision_frozen: bool, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.model = model
+        self.vision_frozen = vision_frozen
+        self.label_smoothing = label_smoothing
+
+    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vision = blip_core(self.model).vision_model
+        if self.vision_frozen:
+            with torch.no_grad():
+                return vision(pixel_values=pixel_values).last_hidden_state
+        return vision(pixel_values=pixel_values).last_hidden_state
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        if image_embeds is None:
+            image_embeds = self.image_embeds(pixel_values)
+        logits = (
+            blip_core(self.model)
+            .text_decoder(
+                input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds
+            )
+            .logits
+        )
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=self.label_smoothing,
+        )
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # No decay on biases and norms (1-D tensors: LayerNorm weights, biases, position scalars).
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    from medblip_peft import __version__
+
+    return {
+        "medblip_peft": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def save_checkpoint(model: nn.Module, processor, directory: str | Path, metadata: dict[str, Any]) -> Path:
+    """Save weights as safetensors (a peft model writes its adapter only), the processor, the generation config
+    and ``medblip_peft.json``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    if hasattr(model, "peft_config"):  # adapters: also keep generation defaults beside them
+        blip_core(model).generation_config.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    meta = {
+        "format_version": 1,
+        "versions": _versions(),
+        "created": datetime.now(timezone.utc).isoformat(),
+        **metadata,
+    }
+    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+    return directory
+
+
+def _default_output_dir(strategy: str) -> Path:
+    return Path("medblip_runs") / f"{strategy}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _tracker(report_to: str) -> str | None:
+    if report_to == "none":
+        return None
+    if report_to == "auto":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            return None
+        return "tensorboard"
+    return report_to
+
+
+def _better(metric: str, new: float, old: float | None) -> bool:
+    if old is None or math.isnan(old):
+        return not math.isnan(new)
+    return new < old if metric == "val_loss" else new > old
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if platform.system() == "Darwin" else 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
+def adapt(
+    model: Any,
+    train_data: Any,
+    *,
+    strategy: str = "lora",
+    eval_data: Any = None,
+    output_dir: str | Path | None = None,
+    config: AdaptConfig | None = None,
+    processor: Any = None,
+    **overrides: Any,
+) -> AdaptResult:
+    """Fine-tune BLIP on image-caption data with one strategy and return an `AdaptResult`.
+
+    `model` is a Hub id, a local path or a `BlipForConditionalGeneration` (then pass `processor`). `train_data`
+    and `eval_data` are a `datasets.Dataset`, a Hub dataset id, or a path (ROCO root, imagefolder, CSV or JSONL).
+    `strategy` is ``"full"``, ``"encoder"``, ``"decoder"`` or ``"lora"``. `overrides` replace `config` fields.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from medblip_peft.data.loaders import load_caption_dataset
+
+    config = (config or AdaptConfig()).replace(**overrides)
+    strategy = canonical_strategy(strategy)
+    output_dir = Path(output_dir) if output_dir is not None else _default_output_dir(strategy)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=_tracker(config.report_to),
+        project_dir=str(output_dir / "logs"),
+        cpu=config.cpu,
+    )
+    main = accelerator.is_main_process
+    set_seed(config.seed)
+    model, processor, base_model = load_blip(model, processor=processor)
+    prepared = apply_strategy(model, strategy, config)
+    if config.gradient_checkpointing:
+        blip_core(prepared.model).gradient_checkpointing_enable()
+    report = parameter_report(prepared.model)
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        print(format_parameter_report(report, strategy))
+
+    manifest = SkipManifest(output_dir / "skipped.jsonl", write=main)
+    columns = {
+        "image_column": config.image_column,
+        "caption_column": config.caption_column,
+        "manifest": manifest,
+    }
+    train_ds = load_caption_dataset(train_data, split="train", **columns)
+    eval_ds = (
+        load_caption_dataset(eval_data, split="validation", **columns) if eval_data is not None else None
+    )
+    if len(train_ds) == 0:
+        raise ValueError(f"The training data holds no usable rows; see the manifest at {manifest.path}.")
+    collator = CaptionCollator(
+        processor, max_length=config.max_caption_tokens, prompt=config.prompt, manifest=manifest
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    keep = [c for c in ("image", "caption", "image_id") if c in train_ds.column_names]
+    train_loader = torch.utils.data.DataLoader(
+        train_ds.select_columns(keep),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=generator,
+        collate_fn=collator,
+        num_workers=config.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    updates_per_epoch = max(1, math.ceil(len(train_loader) / config.gradient_accumulation_steps))
+    total_updates = config.max_steps or updates_per_epoch * config.num_epochs
+    num_epochs = math.ceil(total_updates / updates_per_epoch)
+
+    loss_module = CaptioningLoss(
+        prepared.model, vision_frozen=prepared.vision_frozen, label_smoothing=config.label_smoothing
+    )
+    optimizer = torch.optim.AdamW(
+        _param_groups(prepared.model, config.weight_decay), lr=config.resolved_learning_rate(strategy)
+    )
+    scheduler = get_scheduler(
+        "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=int(config.warmup_ratio * total_updates) * accelerator.num_processes,
+        num_training_steps=total_updates * accelerator.num_processes,
+    )
+    loss_module, optimizer, train_loader, scheduler = accelerator.prepare(
+        loss_module, optimizer, train_loader, scheduler
+    )
+    if accelerator.trackers is not None and _tracker(config.report_to):
+        accelerator.init_trackers(
+            "medblip-peft",
+            config={k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))},
+        )
+
+    history: list[dict[str, Any]] = []
+    best_value: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    best_metrics: dict[str, Any] = {}
+    stale = 0
+    step = 0
+    start = time.perf_counter()
+    bar = tqdm(
+        total=total_updates, desc=f"adapt[{strategy}]", unit="step", disable=not (main and config.progress)
+    )
+    for epoch in range(num_epochs):
+        loss_module.train()
+        running, seen = 0.0, 0
+        for batch in train_loader:
+            if batch is None:  # every row of this batch was bad; they are in the manifest
+                continue
+            with accelerator.accumulate(loss_module):
+                loss = loss_module(**batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(loss_module.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            running += loss.detach().float().item()
+            seen += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            record = {
+                "epoch": epoch + 1,
+                "step": step,
+                "loss": running / seen,
+                "lr": scheduler.get_last_lr()[0],
+            }
+            running, seen = 0.0, 0
+            history.append(record)
+            accelerator.log({"train/loss": record["loss"], "train/lr": record["lr"]}, step=step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if config.save_every_steps and step % config.save_every_steps == 0:
+                _save_state(accelerator, output_dir, step, config.save_total_limit)
+            if step >= total_updates:
+                break
+        if eval_ds is not None:
+            metrics = _validate(loss_module, processor, eval_ds, collator, accelerator, config)
+            metrics.update(epoch=epoch + 1, step=step)
+            history.append(metrics)
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=step)
+            if main:
+                bar.write(
+                    " ".join(
+                        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                    )
+                )
+            value = metrics.get(config.metric_for_best, metrics.get("val_loss"))
+            if _better(
+                config.metric_for_best if config.metric_for_best in metrics else "val_loss", value, best_value
+            ):
+                best_value, best_metrics, stale = value, dict(metrics), 0
+                best_state = {
+                    n: p.detach().cpu().clone()
+                    for n, p in prepared.model.named_parameters()
+                    if p.requires_grad
+                }
+            else:
+                stale += 1
+                if config.early_stopping_patience and stale >= config.early_stopping_patience:
+                    if main:
+                        bar.write(
+                            f"Early stopping: no improvement in {config.metric_for_best} for {stale} evaluations."
+                        )
+                    break
+        if step >= total_updates:
+            break
+    bar.close()
+    train_seconds = time.perf_counter() - start
+    accelerator.wait_for_everyone()
+
+    if best_state is not None:  # keep the best evaluated weights, not merely the last ones
+        params = dict(prepared.model.named_parameters())
+        with torch.no_grad():
+            for name, value in best_state.items():
+                params[name].copy_(value.to(params[name].device))
+    final_model = accelerator.unwrap_model(loss_module).model
+    metrics = {
+        **best_metrics,
+        "best_metric": config.metric_for_best if best_state is not None else None,
+        "skipped_samples": manifest.count,
+        "truncated_captions": collator.truncated,
+    }
+    metadata = {
+        "strategy": strategy,
+        "base_model": base_model,
+        "prompt": config.prompt,
+        "config": config.to_dict(),
+        "metrics": metrics,
+        "trainable_params": report["all"]["trainable"],
+        "total_params": report["all"]["total"],
+        "trainable_by_tower": report,
+        "dataset": train_data if isinstance(train_data, str) else None,
+        "train_seconds": train_seconds,
+        "label_smoothing": config.label_smoothing,
+    }
+    if main:
+        save_checkpoint(final_model, processor, output_dir, metadata)
+        summary = f"Saved {strategy} model to {output_dir} after {step} steps in {train_seconds:.1f}s"
+        if manifest.count:
+            summary += f"; {manifest.count} samples skipped (see {manifest.path})"
+        print(summary)
+    accelerator.end_training()
+    return AdaptResult(
+        model=final_model,
+        processor=processor,
+        output_dir=output_dir,
+        history=history,
+        metrics=metrics,
+        trainable_params=report["all"]["trainable"],
+        total_params=report["all"]["total"],
+        train_seconds=train_seconds,
+        peak_memory_bytes=_peak_memory(accelerator.device),
+        strategy=strategy,
+        parameter_report=report,
+        skipped=manifest.count,
+        truncated_captions=collator.truncated,
+        prompt=config.prompt,
+    )
+
+
+def _save_state(accelerator, output_dir: Path, step: int, keep: int) -> None:
+    """A resumable training state under ``checkpoints/step-N``; only the newest `keep` are kept."""
+    root = output_dir / "checkpoints"
+    accelerator.save_state(str(root / f"step-{step:08d}"))
+    if accelerator.is_main_process:
+        states = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in states[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _validate(loss_module, processor, eval_ds, collator, accelerator, config: AdaptConfig) -> dict[str, Any]:
+    """Validation loss and caption metrics on the first `eval_max_samples` rows, sharded across processes.
+
+    The loss is a token-weighted mean over all processes. Captions are gathered to every process (so that
+    every process takes the same best-checkpoint and early-stopping decisions) and scored with BLEU-4 and CIDEr.
+    """
+    from accelerate.utils import gather_object
+
+    from medblip_peft.data.images import BadImageError, load_image
+
+    n = min(len(eval_ds), config.eval_max_samples)
+    sample = eval_ds.select(range(n))
+    size = config.eval_batch_size or config.batch_size
+    loss_module.eval()
+    loss_sum, tokens = 0.0, 0
+    images, references = [], []
+    with accelerator.split_between_processes(list(range(n))) as shard:
+        for start in range(0, len(shard), size):
+            rows = [sample[i] for i in shard[start : start + size]]
+            batch = collator(rows)
+            if batch is None:
+                continue
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with torch.no_grad(), accelerator.autocast():
+                loss = loss_module(**batch)
+            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            loss_sum, tokens = loss_sum + float(loss) * count, tokens + count
+            for row in rows:
+                try:
+                    images.append(load_image(row["image"]))
+                    references.append(row["caption"].strip())
+                except BadImageError:
+                    continue  # already recorded by the collator
+    totals = accelerator.reduce(torch.tensor([loss_sum, tokens], device=accelerator.device), reduction="sum")
+    metrics: dict[str, Any] = {"val_loss": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")}
+    if images:
+        captioner = Captioner(
+            accelerator.unwrap_model(loss_module).model,
+            processor,
+            prompt=config.prompt,
+            device=accelerator.device,
+            batch_size=size,
+        )
+        predictions = captioner(images, num_beams=config.eval_num_beams)
+    else:
+        predictions = []
+    predictions, references = gather_object(predictions), gather_object(references)
+    loss_module.train()
+    if predictions:
+        metrics.update(_bleu4_cider(predictions, references))
+    return metrics
+
+
+def _bleu4_cider(predictions: list[str], references: list[str]) -> dict[str, float]:
+    try:
+        from medblip_peft.evaluation import score_captions
+    except ImportError as err:  # the `eval` extra (pycocoevalcap) is optional for training
+        import warnings
+
+        warnings.warn(
+            f"Validation reports loss only: caption metrics need `pip install medblip-peft[eval]` ({err}).",
+            stacklevel=2,
+        )
+        return {}
+    scores = score_captions(predictions, references, metrics=("bleu", "cider"))
+    return {"bleu4": float(scores["bleu4"]), "cider": float(scores["cider"])}
