@@ -66,16 +66,22 @@ def agreement(roco_root: Path, lexicon: RadiologyLexicon) -> dict:
             by_cui.setdefault(cui, set()).add(image)
 
     rows = []
-    pooled_found, pooled_gold = set(), set()
-    kw_found, kw_gold = set(), set()
+    # (concept, image) pairs per group and kind, pooled into micro-averaged agreement figures.
+    pairs: dict[tuple[str, str], tuple[set, set]] = {}
+
+    def pool(group: str, kind: str, concept_id: str, hits: set[str], gold: set[str]) -> None:
+        for key in ((group, kind), ("all", kind)):
+            found_pairs, gold_pairs = pairs.setdefault(key, (set(), set()))
+            found_pairs |= {(concept_id, i) for i in hits}
+            gold_pairs |= {(concept_id, i) for i in gold}
+
     for concept in lexicon.concepts.values():
         hits = found[concept.id]
         row: dict = {"concept": concept.id, "group": concept.group, "cui": concept.cui, "images": len(hits)}
         row["negated_mentions"] = negated[concept.id]
         if concept.cui and concept.cui in by_cui:
             row["cui_agreement"] = _prf(hits, by_cui[concept.cui])
-            pooled_found |= {(concept.id, i) for i in hits}
-            pooled_gold |= {(concept.id, i) for i in by_cui[concept.cui]}
+            pool(concept.group, "cui", concept.id, hits, by_cui[concept.cui])
         # The ROCO CUI that best matches this concept's image set (only CUIs co-occurring with it are candidates).
         candidates = Counter(c for i in hits for c in cuis.get(i, ()))
         best = max(candidates, key=lambda c: _prf(hits, by_cui[c])["f1"], default=None)
@@ -84,8 +90,7 @@ def agreement(roco_root: Path, lexicon: RadiologyLexicon) -> dict:
         if words:
             gold = {i for i in ids if keywords.get(i, set()) & words}
             row["keyword_agreement"] = _prf(hits, gold)
-            kw_found |= {(concept.id, i) for i in hits}
-            kw_gold |= {(concept.id, i) for i in gold}
+            pool(concept.group, "keyword", concept.id, hits, gold)
         rows.append(row)
     with_cui = [r for r in rows if r["cui"]]
     return {
@@ -93,8 +98,7 @@ def agreement(roco_root: Path, lexicon: RadiologyLexicon) -> dict:
         "n_concepts": len(rows),
         "n_concepts_with_cui": len(with_cui),
         "n_cuis_listed_by_roco": sum("cui_agreement" in r for r in with_cui),
-        "pooled_cui_agreement": _prf(pooled_found, pooled_gold),
-        "pooled_keyword_agreement": _prf(kw_found, kw_gold),
+        "pooled": {f"{group}/{kind}": _prf(*sets) for (group, kind), sets in sorted(pairs.items())},
         "concepts": rows,
     }
 
@@ -109,12 +113,13 @@ def to_markdown(report: dict) -> str:
         f"Images: {report['n_images']}; concepts: {report['n_concepts']} "
         f"({report['n_concepts_with_cui']} with a CUI, {report['n_cuis_listed_by_roco']} of those CUIs used by ROCO).",
         "",
-        "| pooled | P | R | F1 |",
-        "|---|---|---|---|",
+        "| group / compared with | (concept, image) pairs found | ROCO pairs | P | R | F1 |",
+        "|---|---|---|---|---|---|",
     ]
-    for key in ("pooled_cui_agreement", "pooled_keyword_agreement"):
-        a = report[key]
-        lines.append(f"| {key} | {_fmt(a['precision'])} | {_fmt(a['recall'])} | {_fmt(a['f1'])} |")
+    for key, a in report["pooled"].items():
+        lines.append(
+            f"| {key} | {a['found']} | {a['gold']} | {_fmt(a['precision'])} | {_fmt(a['recall'])} | {_fmt(a['f1'])} |"
+        )
     lines += [
         "",
         "| concept | group | CUI | images | negated | CUI P | CUI R | CUI F1 | best ROCO CUI (F1) | kw F1 |",

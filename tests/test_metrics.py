@@ -105,7 +105,7 @@ def test_bleu_reaggregation_equals_corpus_bleu(roco_case):
 
 @needs_java
 def test_empty_trailing_prediction_is_kept():
-    # pycocoevalcap's PTBTokenizer pairs lines with zip(); a trailing empty caption must not vanish.
+    # Empty captions, including a trailing one, keep their place through the one-pass tokenisation.
     gts, res, tokenizer = tokenize_pairs(["Axial CT scan.", ""], [["axial ct"], ["MRI of the brain."]])
     assert tokenizer == "ptb"
     assert res == {0: ["axial ct scan"], 1: [""]}
@@ -114,6 +114,14 @@ def test_empty_trailing_prediction_is_kept():
         ["Axial CT", ""], ["axial ct", "MRI of the brain."], metrics=["bleu", "rouge", "cider"]
     )
     assert scores["rouge_l"] == pytest.approx(0.5)
+
+
+@needs_java
+def test_line_breaks_inside_a_caption_do_not_shift_other_captions():
+    # Raw pycocoevalcap would give image 1 the tokens "ct" and image 2 "mri" here.
+    gts, res, _ = tokenize_pairs(["Axial\rCT", "MRI\u2028brain", "last one"], [["a"], ["b"], ["c"]])
+    assert res == {0: ["axial ct"], 1: ["mri brain"], 2: ["last one"]}
+    assert gts == {0: ["a"], 1: ["b"], 2: ["c"]}
 
 
 @needs_java

@@ -79,13 +79,14 @@ def _fallback_tokenize(text: str) -> str:
 def _ptb_tokenize(texts: list[str]) -> list[str]:
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    # PTBTokenizer pairs input lines with output lines by zip(): trailing empty captions would be silently
-    # lost, so a non-empty sentinel line is appended and dropped again.  Line-preserving mode keeps every
-    # other line independent of it.
-    payload = {i: [{"caption": t}] for i, t in enumerate([*texts, "sentinel"])}
+    # PTBTokenizer writes one caption per line and pairs output lines with captions by zip(), replacing only
+    # "\n": a caption containing "\r" (or another line boundary) silently shifts every later caption onto the
+    # wrong image.  Line boundaries become spaces here, and a sentinel last line proves the alignment held.
+    payload = {i: [{"caption": " ".join(t.splitlines())}] for i, t in enumerate(texts)}
+    payload[len(texts)] = [{"caption": "sentinel"}]
     out = PTBTokenizer().tokenize(payload)
-    if len(out) != len(payload):
-        raise RuntimeError(f"PTBTokenizer returned {len(out)} lines for {len(payload)} captions")
+    if len(out) != len(payload) or out[len(texts)] != ["sentinel"]:
+        raise RuntimeError("PTBTokenizer output is misaligned with its input captions")
     return [out[i][0] for i in range(len(texts))]
 
 
