@@ -468,3 +468,25 @@ def test_push_then_load_by_repo_id_online_then_offline(checkpoints, fake_hub, tm
     fake_hub.fail(500)  # any request now fails: the second load must come from the cache alone
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert Captioner.from_pretrained("org/lora", device="cpu")(images, **GENERATION) == expected
+
+
+def test_cli_push(checkpoints, fake_hub, monkeypatch, capsys):
+    from medblip_peft.cli import main
+
+    # The CLI takes the endpoint from huggingface_hub's constants (HF_ENDPOINT, read at import): patch them.
+    fake_hub.patch_endpoint(monkeypatch)
+    folder = str(checkpoints["decoder"])
+    assert main(["push", folder, "org/cli-public", "--public", "-m", "From the CLI"]) == 0
+    assert capsys.readouterr().out.startswith(f"{fake_hub.url}/org/cli-public/commit/")
+    assert main(["push", folder, "org/cli-private", "--revision", "v1", "--create-pr"]) == 0
+    assert "/discussions/" in capsys.readouterr().out
+    assert [c["visibility"] for c in fake_hub.created] == ["public", "private"]
+    assert [(c.summary, c.revision, c.create_pr) for c in fake_hub.commits] == [
+        ("From the CLI", "main", False),
+        ("Upload decoder radiology captioner (medblip-peft)", "v1", True),
+    ]
+
+    fake_hub.fail(403)
+    assert main(["push", folder, "someone-else/model"]) == 2
+    printed = capsys.readouterr()
+    assert "403 Forbidden" in printed.err and TOKEN not in printed.out + printed.err

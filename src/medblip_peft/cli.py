@@ -164,6 +164,27 @@ def run_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- push ------------------------------------------------------------------------------------------------
+def add_push(p: argparse.ArgumentParser) -> None:
+    # No --token flag: a token on the command line ends up in shell history and process lists. It comes from
+    # HF_TOKEN or `hf auth login`, as everywhere in huggingface_hub.
+    p.add_argument("folder", help="checkpoint directory written by `train` or Captioner.save_pretrained")
+    p.add_argument("repo_id", help="Hub repository to create or update, e.g. your-org/blip-roco-lora")
+    p.add_argument("--public", action="store_true", help="create the repository public (default: private)")
+    p.add_argument("--revision", help="branch to commit to, created if missing (default: main)")
+    p.add_argument("-m", "--commit-message", help="commit message")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from medblip_peft.hub import push_to_hub
+
+    info = push_to_hub(args.folder, args.repo_id, private=not args.public, revision=args.revision,
+                       commit_message=args.commit_message, create_pr=args.create_pr)
+    print(info.pr_url or info.commit_url)
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------------------
 # name -> (help, add_arguments, run). Later subcommands register here the same way.
 COMMANDS: dict[
@@ -176,6 +197,7 @@ COMMANDS: dict[
     ),
     "train": ("Fine-tune BLIP with one strategy (adapt()).", add_train, run_train),
     "caption": ("Caption images with a trained checkpoint.", add_caption, run_caption),
+    "push": ("Publish a checkpoint to the Hugging Face Hub (private unless --public).", add_push, run_push),
 }
 
 
