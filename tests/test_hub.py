@@ -36,6 +36,15 @@ PROCESSOR_FILES = {"processor_config.json", "tokenizer.json", "tokenizer_config.
 GENERATION = {"num_beams": 1, "max_new_tokens": 6, "min_new_tokens": 3, "no_repeat_ngram_size": 0}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _metadata(strategy: str) -> dict:
     return {
         "strategy": strategy,
