@@ -13,6 +13,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    # Tiny models gain nothing from intra-op threads, and on a 2-core machine they only fight each other.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def tiny():
     """A fresh tiny BLIP and its processor (fresh per test: training mutates it)."""

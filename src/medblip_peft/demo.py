@@ -48,8 +48,8 @@ def _score(captioner, dataset, log) -> dict[str, float]:
     try:
         from medblip_peft.evaluation import score_captions
 
-        scores["bleu4"] = float(
-            score_captions(predictions, list(dataset["caption"]), metrics=("bleu",))["bleu4"]
+        scores["bleu_4"] = float(
+            score_captions(predictions, list(dataset["caption"]), metrics=("bleu",))["bleu_4"]
         )
     except ImportError:
         log("(BLEU-4 needs the `eval` extra: pip install 'medblip-peft[eval]')")
@@ -64,11 +64,11 @@ def run_demo(
     *,
     strategy: str = "full",
     output_dir: str | Path = "medblip_demo",
-    train_size: int = 800,
+    train_size: int = 2000,
     eval_size: int = 64,
     test_size: int = 100,
-    num_epochs: int = 12,
-    learning_rate: float = 1e-3,
+    num_epochs: int = 8,
+    learning_rate: float = 1.5e-3,
     seed: int = 0,
     log=print,
     **overrides: Any,

@@ -107,9 +107,12 @@ def _body(modality: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _lesion_centre(side: str, level: str, rng: np.random.Generator) -> tuple[float, float]:
-    # Radiological convention: the patient's left is on the image's right.
-    cx = rng.uniform(0.62, 0.74) if side == "left" else rng.uniform(0.26, 0.38)
-    cy = rng.uniform(0.28, 0.40) if level == "upper" else rng.uniform(0.60, 0.72)
+    # Radiological convention: the patient's left is on the image's right. Centres fall within 0.32-0.40 or
+    # 0.60-0.68 of the width/height: near the centres of the inner cells of a 4x4 patch grid (the demo model),
+    # so that a heatmap peak at patch resolution can land inside the lesion; finer grids resolve them easily.
+    low, high = (0.32, 0.40), (0.60, 0.68)
+    cx = rng.uniform(*high) if side == "left" else rng.uniform(*low)
+    cy = rng.uniform(*low) if level == "upper" else rng.uniform(*high)
     return cx, cy
 
 
@@ -154,7 +157,7 @@ def make_phantoms(
         box = [-1, -1, -1, -1]
         if has_lesion:
             cx, cy = _lesion_centre(side, level, rng)
-            radius = rng.uniform(0.08, 0.11)
+            radius = rng.uniform(0.09, 0.12)
             mask = (x - cx) ** 2 + (y - cy) ** 2 < radius**2
             # Ultrasound lesions are hypoechoic (dark); elsewhere they are dense (bright).
             img = np.where(mask, 0.05 if modality == "ultrasound" else 1.0, img)
