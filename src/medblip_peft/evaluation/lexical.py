@@ -88,14 +88,18 @@ def meteor_session() -> Iterator[object]:
                     stream.close()
 
 
-def meteor_stats(gts: Captions, res: Captions) -> MetricStats:
+def meteor_stats(gts: Captions, res: Captions, meteor: object | None = None) -> MetricStats:
     """METEOR 1.5 (``-l en -norm``) through pycocoevalcap's ``Meteor`` (needs Java).
 
     The point estimate is the scorer's corpus METEOR (computed by the jar from pooled alignment statistics);
     resamples use the mean of per-image METEOR scores, which the jar also reports (see ``docs/metrics.md``).
+
+    Args:
+        gts, res: Tokenised references and predictions.
+        meteor: A running scorer from :func:`meteor_session`; when omitted, one is started and stopped here.
     """
-    with meteor_session() as meteor:
-        corpus, per_image = meteor.compute_score(gts, res)
+    with contextlib.nullcontext(meteor) if meteor is not None else meteor_session() as scorer:
+        corpus, per_image = scorer.compute_score(gts, res)
     return MetricStats.from_means(
         {"meteor": np.asarray(per_image)},
         point={"meteor": corpus},

@@ -6,6 +6,7 @@ Metric families are looked up in :data:`METRIC_FAMILIES` (a registry, not an if/
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 
 from .bertscore import BERTScoreConfig, bertscore_stats
 from .clinical import clinical_stats
-from .lexical import bleu_stats, cider_stats, meteor_stats, rouge_stats
+from .lexical import bleu_stats, cider_stats, meteor_session, meteor_stats, rouge_stats
 from .lexicon import RadiologyLexicon
 from .stats import MetricStats, PairedTest, bootstrap_ci, paired_test
 from .text import java_available, normalize_captions, tokenize_pairs
@@ -43,12 +44,13 @@ class _Inputs:
     res: dict[int, list[str]] | None
     bertscore: BERTScoreConfig
     lexicon: RadiologyLexicon | None
+    meteor: object | None = None  # a running pycocoevalcap Meteor, started early (see caption_stats)
 
 
 #: Registry of metric families: name -> function of the prepared inputs.
 METRIC_FAMILIES: dict[str, Callable[[_Inputs], MetricStats]] = {
     "bleu": lambda x: bleu_stats(x.gts, x.res),
-    "meteor": lambda x: meteor_stats(x.gts, x.res),
+    "meteor": lambda x: meteor_stats(x.gts, x.res, x.meteor),
     "rouge": lambda x: rouge_stats(x.gts, x.res),
     "cider": lambda x: cider_stats(x.gts, x.res),
     "bertscore": lambda x: bertscore_stats(x.predictions, x.references, x.bertscore),
@@ -143,14 +145,21 @@ def caption_stats(
         )
         metrics.remove("meteor")
         skipped.append("meteor")
-    gts = res = None
-    tokenizer_used = None
-    if _LEXICAL.intersection(metrics):
-        gts, res, tokenizer_used = tokenize_pairs(preds, refs, tokenizer)
     if isinstance(bertscore, Mapping):
         bertscore = BERTScoreConfig(**bertscore)
-    inputs = _Inputs(preds, refs, gts, res, bertscore or BERTScoreConfig(), lexicon)
-    families = {name: METRIC_FAMILIES[name](inputs) for name in metrics}
+    with contextlib.ExitStack() as stack:
+        # METEOR's JVM spends ~7 s loading WordNet and paraphrase tables.  Starting it first lets that load run
+        # in its own process while the tokenizer and the Python-side metrics work; METEOR is scored last.
+        meteor = stack.enter_context(meteor_session()) if "meteor" in metrics else None
+        gts = res = None
+        tokenizer_used = None
+        if _LEXICAL.intersection(metrics):
+            gts, res, tokenizer_used = tokenize_pairs(preds, refs, tokenizer)
+        inputs = _Inputs(preds, refs, gts, res, bertscore or BERTScoreConfig(), lexicon, meteor)
+        computed = {
+            name: METRIC_FAMILIES[name](inputs) for name in sorted(metrics, key=lambda m: m == "meteor")
+        }
+    families = {name: computed[name] for name in metrics}  # back in request order
     return CaptionStats(families, tokenizer_used, normalize, skipped)
 
 
@@ -192,8 +201,9 @@ def score_captions(
         ``n_resamples > 0``, ``"ci": {metric: (low, high)}`` plus ``ci_confidence``/``ci_resamples``/``ci_seed``.
 
     Example:
-        >>> score_captions(["axial ct of the chest"], ["Axial CT of the chest."], metrics=["bleu"])["bleu_1"]
-        0.99999999...
+        >>> scores = score_captions(["CT of the right kidney"], ["CT of the left kidney."], metrics=["rouge", "clinical"])
+        >>> round(scores["rouge_l"], 3), scores["clinical_laterality_conflict_rate"]
+        (0.8, 1.0)
     """
     stats = caption_stats(
         predictions,

@@ -8,8 +8,9 @@ Load it offline by path (nothing is fetched from the Hub)::
     metric = evaluate.load(caption_metric_path())
     metric.compute(predictions=["axial ct of the chest"], references=[["Axial CT of the chest."]])
 
-and combine it with other modules via ``evaluate.combine([metric, ...])``.  Keyword arguments of ``compute`` (or
-of ``evaluate.load(..., config_name=...)``-independent ``compute`` kwargs) are those of ``score_captions``.
+and combine it with other modules via ``evaluate.combine([metric, ...])``.  Keyword arguments of ``compute``
+other than ``predictions`` and ``references`` are passed to ``score_captions`` (``metrics``, ``normalize``,
+``tokenizer``, ``bertscore``, ``n_resamples``, ...).
 """
 
 from __future__ import annotations
