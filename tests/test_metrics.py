@@ -185,6 +185,9 @@ def test_input_validation():
         score_captions(["a"], [[]], metrics=["rouge"])
     with pytest.raises(TypeError):
         score_captions("a caption", ["a caption"], metrics=["rouge"])
+    assert score_captions(["a b"], ["a b"], metrics="rouge", tokenizer="regex")["rouge_l"] == pytest.approx(
+        1.0
+    )
 
 
 # --- BERTScore ------------------------------------------------------------------------------------------------

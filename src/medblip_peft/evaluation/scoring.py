@@ -130,6 +130,8 @@ def caption_stats(
         raise ValueError(f"got {len(predictions)} predictions but {len(refs)} reference groups")
     if not refs:
         raise ValueError("cannot score an empty set of captions")
+    if isinstance(metrics, str):  # metrics="bleu" means one family, not the letters b, l, e, u
+        metrics = [metrics]
     unknown = [m for m in metrics if m not in METRIC_FAMILIES]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {sorted(METRIC_FAMILIES)}")
