@@ -80,16 +80,19 @@ class MetricStats:
         return self.aggregate(weights @ self.table)
 
 
+def _block_sizes(total: int):
+    """Split ``total`` resamples into blocks of at most ``_BLOCK``."""
+    for start in range(0, total, _BLOCK):
+        yield min(_BLOCK, total - start)
+
+
 def _bootstrap_blocks(n: int, n_resamples: int, rng: np.random.Generator):
     """Yield ``(block, n)`` multiplicity matrices of a non-parametric bootstrap over ``n`` images."""
-    done = 0
-    while done < n_resamples:
-        b = min(_BLOCK, n_resamples - done)
+    for b in _block_sizes(n_resamples):
         idx = rng.integers(0, n, size=(b, n))
         # bincount per row turns index draws into multiplicities; offsetting rows keeps it one call.
         counts = np.bincount((idx + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n)
         yield counts.astype(float)
-        done += b
 
 
 def bootstrap_ci(
@@ -151,7 +154,10 @@ def bootstrap_ci(
 
 @dataclass(frozen=True)
 class PairedTest:
-    """Result of a paired comparison of systems A and B on one metric (higher is better).
+    """Result of a paired comparison of systems A and B on one metric.
+
+    The test is two-sided; the sign of ``delta`` says which system is ahead (for a rate where lower is better,
+    such as ``clinical_laterality_conflict_rate``, a negative delta favours A).
 
     Attributes:
         metric: Metric name.
@@ -172,11 +178,9 @@ class PairedTest:
 
 
 def _swap_blocks(n: int, n_resamples: int, rng: np.random.Generator):
-    done = 0
-    while done < n_resamples:
-        b = min(_BLOCK, n_resamples - done)
+    """Yield ``(block, n)`` 0/1 matrices: 1 where a permutation swaps the two systems' outputs for an image."""
+    for b in _block_sizes(n_resamples):
         yield rng.integers(0, 2, size=(b, n)).astype(float)
-        done += b
 
 
 def _count_extreme(null_delta: np.ndarray, obs: np.ndarray) -> np.ndarray:
