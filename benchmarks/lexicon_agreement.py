@@ -84,7 +84,11 @@ def agreement(roco_root: Path, lexicon: RadiologyLexicon) -> dict:
             pool(concept.group, "cui", concept.id, hits, by_cui[concept.cui])
         # The ROCO CUI that best matches this concept's image set (only CUIs co-occurring with it are candidates).
         candidates = Counter(c for i in hits for c in cuis.get(i, ()))
-        best = max(candidates, key=lambda c: _prf(hits, by_cui[c])["f1"], default=None)
+        # Ties are common (ROCO often lists several CUIs for one word): prefer the concept's own CUI, then the
+        # lowest id, so that the report is deterministic.
+        best = max(
+            sorted(candidates), key=lambda c: (_prf(hits, by_cui[c])["f1"], c == concept.cui), default=None
+        )
         row["best_roco_cui"] = None if best is None else {"cui": best, **_prf(hits, by_cui[best])}
         words = {w for t in concept.terms if " " not in t for w in (t, _stem(t))}
         if words:

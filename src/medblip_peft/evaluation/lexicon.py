@@ -27,7 +27,7 @@ from pathlib import Path
 
 __all__ = ["Concept", "Mention", "RadiologyLexicon", "default_lexicon"]
 
-_TOKEN = re.compile(r"\d+(?:\.\d+)+|[A-Za-z0-9]+|[.;:!?()\[\]]")
+_TOKEN = re.compile(r"\d+(?:\.\d+)+|[^\W_]+|[.;:!?()\[\]]")
 _PUNCT = frozenset(".;:!?()[]")
 
 
