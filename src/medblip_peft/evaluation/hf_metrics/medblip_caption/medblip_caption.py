@@ -78,4 +78,4 @@ class MedblipCaption(evaluate.Metric):
     def _compute(
         self, predictions: list[str], references: list[Any], metrics: Any = DEFAULT_METRICS, **kwargs: Any
     ) -> dict[str, Any]:
-        return score_captions(predictions, references, metrics=tuple(metrics), **kwargs)
+        return score_captions(predictions, references, metrics=metrics, **kwargs)
