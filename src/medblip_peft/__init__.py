@@ -18,6 +18,7 @@ __all__ = [
     "__version__",
     "adapt",
     "explain",
+    "push_to_hub",
     "score_captions",
 ]
 
@@ -30,6 +31,7 @@ _LAZY = {
     "Captioner": "medblip_peft.caption",
     "score_captions": "medblip_peft.evaluation",
     "explain": "medblip_peft.explain",
+    "push_to_hub": "medblip_peft.hub",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from medblip_peft.config import AdaptConfig
     from medblip_peft.evaluation import score_captions
     from medblip_peft.explain import explain
+    from medblip_peft.hub import push_to_hub
     from medblip_peft.train import AdaptResult, adapt
 
 
