@@ -55,7 +55,9 @@ class AdaptConfig:
 
     **LoRA**: `lora_r`, `lora_alpha`, `lora_dropout`, `lora_towers`, `lora_target_modules`, `peft_config`.
 
-    **Data**: `image_column`, `caption_column`, `num_workers`.
+    **Data**: `image_column`, `caption_column`, `num_workers`, `group_by_length`.
+
+    **Speed**: `cache_vision_features`, `vision_cache_dir`, `vision_cache_dtype`.
 
     **Output**: `save_every_steps`, `save_total_limit`, `report_to`, `progress`, `cpu`.
     """
@@ -142,6 +144,30 @@ class AdaptConfig:
         default="caption", metadata=_help("Caption column of Hub and tabular datasets.")
     )
     num_workers: int = field(default=0, metadata=_help("DataLoader worker processes for image decoding."))
+    group_by_length: bool = field(
+        default=False,
+        metadata=_help("Batch captions of similar token length together (less padding; still shuffled)."),
+    )
+
+    # --- speed --------------------------------------------------------------------------------------------
+    cache_vision_features: bool | None = field(
+        default=None,
+        metadata=_help(
+            "Compute frozen vision-tower outputs once and reuse them every epoch (decoder, text-only LoRA). "
+            "None turns it on whenever valid; never used with a trained vision tower or augmentation."
+        ),
+    )
+    vision_cache_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "Keep the vision-feature cache as memory-mapped files here (reused by later runs with the same "
+            "weights, image settings and data); None keeps it in RAM."
+        ),
+    )
+    vision_cache_dtype: str = field(
+        default="float32",
+        metadata=_help("'float32', 'float16' or 'bfloat16' storage of cached features (16-bit halves size)."),
+    )
 
     # --- output -------------------------------------------------------------------------------------------
     save_every_steps: int | None = field(
@@ -216,6 +242,16 @@ class AdaptConfig:
         need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "use a probability in [0, 1).")
         need(self.lora_towers in ("vision", "text", "both"), "lora_towers", "use 'vision', 'text' or 'both'.")
         need(self.num_workers >= 0, "num_workers", "use 0 (decode in the main process) or more workers.")
+        need(
+            self.cache_vision_features in (None, True, False),
+            "cache_vision_features",
+            "use None (auto), True or False.",
+        )
+        need(
+            self.vision_cache_dtype in ("float32", "float16", "bfloat16"),
+            "vision_cache_dtype",
+            "use 'float32', 'float16' or 'bfloat16'.",
+        )
         need(
             self.save_every_steps is None or self.save_every_steps >= 1,
             "save_every_steps",

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medblip_peft.cache import training_feed
 from medblip_peft.caption import METADATA_FILE, Captioner, load_blip
 from medblip_peft.config import AdaptConfig, canonical_strategy
 from medblip_peft.data.collate import IGNORE_INDEX, CaptionCollator
@@ -246,13 +247,18 @@ def adapt(
         processor, max_length=config.max_caption_tokens, prompt=config.prompt, manifest=manifest
     )
     generator = torch.Generator().manual_seed(config.seed)
-    keep = [c for c in ("image", "caption", "image_id") if c in train_ds.column_names]
+    # Cached vision features replace pixels when the vision tower is frozen (see medblip_peft.cache).
+    feed = training_feed(
+        train_ds, collator, prepared, processor.image_processor, config,
+        accelerator=accelerator, manifest=manifest, generator=generator,
+    )  # fmt: skip
     train_loader = torch.utils.data.DataLoader(
-        train_ds.select_columns(keep),
+        feed.dataset,
         batch_size=config.batch_size,
-        shuffle=True,
+        shuffle=feed.sampler is None,
+        sampler=feed.sampler,
         generator=generator,
-        collate_fn=collator,
+        collate_fn=feed.collate_fn,
         num_workers=config.num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
@@ -264,7 +270,9 @@ def adapt(
         prepared.model, vision_frozen=prepared.vision_frozen, label_smoothing=config.label_smoothing
     )
     optimizer = torch.optim.AdamW(
-        _param_groups(prepared.model, config.weight_decay), lr=config.resolved_learning_rate(strategy)
+        _param_groups(prepared.model, config.weight_decay),
+        lr=config.resolved_learning_rate(strategy),
+        fused=accelerator.device.type == "cuda" or None,  # one kernel for all parameters on CUDA
     )
     scheduler = get_scheduler(
         "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler,

@@ -94,7 +94,12 @@ class CaptionCollator:
         labels[:, : 1 + self.n_prompt] = IGNORE_INDEX  # [DEC] and the prompt are given, never predicted
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    def __call__(
+        self, rows: Sequence[dict[str, Any]], *, with_pixels: bool | None = None
+    ) -> dict[str, Any] | None:
+        """Collate `rows`; ``with_pixels=False`` (default: the constructor's setting) skips the images, for
+        batches whose image features come from the vision-feature cache."""
+        with_pixels = self.with_pixels if with_pixels is None else with_pixels
         images, captions, kept = [], [], []
         for row in rows:
             caption = row.get("caption")
@@ -106,7 +111,7 @@ class CaptionCollator:
                     stage="collate",
                 )
                 continue
-            if self.with_pixels:
+            if with_pixels:
                 try:
                     images.append(load_image(row["image"]))
                 except BadImageError as err:
@@ -117,7 +122,7 @@ class CaptionCollator:
         if not captions:
             return None
         batch: dict[str, Any] = self.encode_texts(captions)
-        if self.with_pixels:
+        if with_pixels:
             batch["pixel_values"] = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         if "__index__" in kept[0]:
             batch["index"] = torch.tensor([r["__index__"] for r in kept], dtype=torch.long)
