@@ -85,6 +85,14 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", help="validation data, same forms as --train-data")
     p.add_argument("--strategy", help="full, encoder, decoder or lora (default lora)")
     p.add_argument("--output-dir", help="where checkpoints and the final model go")
+    p.add_argument(
+        "--resume",
+        dest="resume_from",
+        action="store_const",
+        const="latest",
+        default=argparse.SUPPRESS,
+        help="continue from the newest training state in --output-dir (same as --resume-from latest)",
+    )
     add_config_flags(p)
 
 

@@ -60,6 +60,8 @@ class AdaptConfig:
     **Speed**: `cache_vision_features`, `vision_cache_dir`, `vision_cache_dtype`.
 
     **Output**: `save_every_steps`, `save_total_limit`, `report_to`, `progress`, `cpu`.
+
+    **Reliability**: `resume_from`, `max_nonfinite_steps`, `max_bad_fraction` (see ``docs/reliability.md``).
     """
 
     # --- optimisation -------------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ class AdaptConfig:
     )
     eval_num_beams: int = field(default=3, metadata=_help("Beams when captioning the validation sample."))
     metric_for_best: str = field(
-        default="cider", metadata=_help("'cider', 'bleu4' or 'val_loss': picks the checkpoint that is kept.")
+        default="cider", metadata=_help("'cider', 'bleu_4' or 'val_loss': picks the checkpoint that is kept.")
     )
     early_stopping_patience: int | None = field(
         default=None,
@@ -174,6 +176,27 @@ class AdaptConfig:
         default=None, metadata=_help("Write a resumable training state every N optimizer steps.")
     )
     save_total_limit: int = field(default=2, metadata=_help("Training states kept on disk (oldest removed)."))
+    resume_from: str | None = field(
+        default=None,
+        metadata=_help(
+            "Continue from a training state: 'latest' (the newest under output_dir/checkpoints, or a fresh start "
+            "when there is none) or a checkpoints/step-N folder. The result equals an uninterrupted run."
+        ),
+    )
+    max_nonfinite_steps: int = field(
+        default=5,
+        metadata=_help(
+            "Optimizer steps with a NaN/Inf loss or gradient are skipped; this many in a row stop the run "
+            "(the last saved training state stays intact)."
+        ),
+    )
+    max_bad_fraction: float | None = field(
+        default=0.05,
+        metadata=_help(
+            "Stop when more than this fraction of the samples read are skipped as bad (see skipped.jsonl); "
+            "None never stops."
+        ),
+    )
     report_to: str = field(
         default="auto",
         metadata=_help(
@@ -228,9 +251,9 @@ class AdaptConfig:
         )
         need(self.eval_num_beams >= 1, "eval_num_beams", "use at least 1 (1 is greedy).")
         need(
-            self.metric_for_best in ("cider", "bleu4", "val_loss"),
+            self.metric_for_best in ("cider", "bleu_4", "val_loss"),
             "metric_for_best",
-            "use 'cider', 'bleu4' or 'val_loss'.",
+            "use 'cider', 'bleu_4' or 'val_loss'.",
         )
         need(
             self.early_stopping_patience is None or self.early_stopping_patience >= 1,
@@ -258,6 +281,17 @@ class AdaptConfig:
             "use a positive integer or None.",
         )
         need(self.save_total_limit >= 1, "save_total_limit", "keep at least 1 training state.")
+        need(
+            self.resume_from is None or str(self.resume_from).strip() != "",
+            "resume_from",
+            "use 'latest', a checkpoints/step-N folder or None.",
+        )
+        need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "use at least 1 (1 stops at the first one).")
+        need(
+            self.max_bad_fraction is None or 0.0 <= self.max_bad_fraction < 1.0,
+            "max_bad_fraction",
+            "use a fraction in [0, 1) such as 0.01, or None to never stop.",
+        )
         if self.prompt is not None:
             self.prompt = self.prompt.strip() or None
 

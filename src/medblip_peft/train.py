@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medblip_peft import checkpointing as ckpt
 from medblip_peft.cache import training_feed
 from medblip_peft.caption import METADATA_FILE, Captioner, load_blip
 from medblip_peft.config import AdaptConfig, canonical_strategy
@@ -67,7 +67,9 @@ class CaptioningLoss(nn.Module):
 
     The vision tower runs without autograd when nothing trainable feeds it. The loss is computed here, not by
     BLIP, so that label smoothing and the -100 mask are explicit: position t predicts token t+1, and only
-    positions whose label is not -100 (real caption tokens and [SEP]) count.
+    positions whose label is not -100 (real caption tokens and [SEP]) count. ``reduction="sum"`` returns the sum
+    over those tokens, which the training loop divides by the token count of the global batch (all processes),
+    so that N processes compute the same gradient as one process with N times the batch.
     """
 
     def __init__(self, model: nn.Module, *, vision_frozen: bool, label_smoothing: float = 0.0) -> None:
@@ -90,6 +92,7 @@ class CaptioningLoss(nn.Module):
         labels: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        reduction: str = "mean",
         **_: Any,
     ) -> torch.Tensor:
         if image_embeds is None:
@@ -106,6 +109,7 @@ class CaptioningLoss(nn.Module):
             labels[:, 1:].reshape(-1),
             ignore_index=IGNORE_INDEX,
             label_smoothing=self.label_smoothing,
+            reduction=reduction,
         )
 
 
@@ -231,7 +235,9 @@ def adapt(
         output_dir.mkdir(parents=True, exist_ok=True)
         print(format_parameter_report(report, strategy))
 
-    manifest = SkipManifest(output_dir / "skipped.jsonl", write=main)
+    # A resumed run continues the manifest (which deduplicates), so each bad sample stays one line per run.
+    open_manifest = SkipManifest.load if config.resume_from else SkipManifest
+    manifest = open_manifest(output_dir / "skipped.jsonl", write=main)
     columns = {
         "image_column": config.image_column,
         "caption_column": config.caption_column,
@@ -252,6 +258,11 @@ def adapt(
         train_ds, collator, prepared, processor.image_processor, config,
         accelerator=accelerator, manifest=manifest, generator=generator,
     )  # fmt: skip
+    ckpt.sync_manifest(accelerator, manifest)
+    rows_read = ckpt.rows_read(manifest, train_ds, eval_ds)  # the denominator of `max_bad_fraction`
+    synced = manifest.count  # records every process holds; newer ones are summed across processes per batch
+    bad_limit = (rows_read, config.max_bad_fraction, manifest.path)
+    ckpt.check_bad_fraction(synced, *bad_limit)
     train_loader = torch.utils.data.DataLoader(
         feed.dataset,
         batch_size=config.batch_size,
@@ -262,7 +273,9 @@ def adapt(
         num_workers=config.num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
-    updates_per_epoch = max(1, math.ceil(len(train_loader) / config.gradient_accumulation_steps))
+    # accelerate shards the batches between processes: each sees ceil(len / nproc) of them per epoch.
+    batches_per_process = math.ceil(len(train_loader) / accelerator.num_processes)
+    updates_per_epoch = max(1, math.ceil(batches_per_process / config.gradient_accumulation_steps))
     total_updates = config.max_steps or updates_per_epoch * config.num_epochs
     num_epochs = math.ceil(total_updates / updates_per_epoch)
 
@@ -289,55 +302,88 @@ def adapt(
             config={k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))},
         )
 
-    history: list[dict[str, Any]] = []
-    best_value: float | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    best_metrics: dict[str, Any] = {}
-    stale = 0
-    step = 0
+    # Resume (see medblip_peft.checkpointing): weights, optimizer, scheduler, RNG and loop state come back.
+    state, best_state = ckpt.resume(accelerator, config.resume_from, output_dir)
+    collator.truncated = state.truncated_captions
+    device, nproc = accelerator.device, accelerator.num_processes
     start = time.perf_counter()
     bar = tqdm(
-        total=total_updates, desc=f"adapt[{strategy}]", unit="step", disable=not (main and config.progress)
-    )
-    for epoch in range(num_epochs):
+        total=total_updates, initial=state.step, desc=f"adapt[{strategy}]", unit="step",
+        disable=not (main and config.progress),
+    )  # fmt: skip
+    for epoch in range(state.epoch, num_epochs):
         loss_module.train()
-        running, seen = 0.0, 0
-        for batch in train_loader:
-            if batch is None:  # every row of this batch was bad; they are in the manifest
+        # Epoch e's order depends on (seed, e) only: a resumed run sees the batches the killed one would have.
+        generator.manual_seed(config.seed + epoch)
+        skip = state.batches_in_epoch if epoch == state.epoch else 0
+        state.epoch, state.batches_in_epoch = epoch, skip
+        running, seen, step_ok = 0.0, 0, True
+        for batch in accelerator.skip_first_batches(train_loader, skip) if skip else train_loader:
+            if state.step >= total_updates:
+                break
+            state.batches_in_epoch += 1
+            # One all-reduce: the global batch's caption tokens, batches with no usable row (the collator
+            # recorded their rows), and new skip records, so that every process takes the same decisions.
+            tokens = 0 if batch is None else int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            local = [tokens, batch is None, manifest.count - synced]
+            counts = accelerator.reduce(torch.tensor(local, dtype=torch.float32, device=device), "sum")
+            if counts[1] > 0:  # with several processes, the others' rows of this batch are dropped too (DDP)
                 continue
             with accelerator.accumulate(loss_module):
-                loss = loss_module(**batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(loss_module.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                loss_sum = loss_module(**batch, reduction="sum")
+                loss_value = float(accelerator.reduce(loss_sum.detach().float(), reduction="sum") / counts[0])
+                if ckpt.is_finite(loss_value):  # a NaN/Inf loss never reaches the gradients
+                    # Token-sum over the global token count; times nproc because DDP averages the gradients.
+                    accelerator.backward(loss_sum * (nproc / counts[0]))
+                else:
+                    step_ok = False
+                if accelerator.sync_gradients:
+                    norm = (
+                        accelerator.clip_grad_norm_(loss_module.parameters(), config.max_grad_norm)
+                        if config.max_grad_norm else ckpt.grad_norm(loss_module.parameters())
+                    )  # fmt: skip
+                    # fp16: the GradScaler finds overflows itself, skips the step and lowers its scale.
+                    step_ok = step_ok and (accelerator.scaler is not None or ckpt.is_finite(norm))
+                if step_ok:
+                    optimizer.step()
+                    scheduler.step()
+                    step_ok = not (accelerator.sync_gradients and optimizer.step_was_skipped)
                 optimizer.zero_grad(set_to_none=True)
-            running += loss.detach().float().item()
+            running += loss_value
             seen += 1
             if not accelerator.sync_gradients:
                 continue
-            step += 1
+            state.step += 1
+            state.nonfinite_in_row = 0 if step_ok else state.nonfinite_in_row + 1
             record = {
                 "epoch": epoch + 1,
-                "step": step,
-                "loss": running / seen,
+                "step": state.step,
+                "loss": running / seen if step_ok else float("nan"),
                 "lr": scheduler.get_last_lr()[0],
+                **({} if step_ok else {"skipped": "non-finite loss or gradient"}),
             }
             running, seen = 0.0, 0
-            history.append(record)
-            accelerator.log({"train/loss": record["loss"], "train/lr": record["lr"]}, step=step)
+            state.history.append(record)
+            accelerator.log({"train/loss": record["loss"], "train/lr": record["lr"]}, step=state.step)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if config.save_every_steps and step % config.save_every_steps == 0:
-                _save_state(accelerator, output_dir, step, config.save_total_limit)
-            if step >= total_updates:
+            ckpt.check_nonfinite(state, config.max_nonfinite_steps, output_dir)
+            ckpt.check_bad_fraction(synced + int(counts[2]), *bad_limit)
+            saving = config.save_every_steps and state.step % config.save_every_steps == 0
+            if saving and step_ok:  # never right after a skipped (non-finite) step
+                state.truncated_captions = collator.truncated
+                ckpt.save_training_state(
+                    accelerator, output_dir, state, best_state, keep=config.save_total_limit
+                )
+            step_ok = True
+            if state.step >= total_updates:
                 break
         if eval_ds is not None:
             metrics = _validate(loss_module, processor, eval_ds, collator, accelerator, config)
-            metrics.update(epoch=epoch + 1, step=step)
-            history.append(metrics)
-            accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=step)
+            metrics.update(epoch=epoch + 1, step=state.step)
+            state.history.append(metrics)
+            eval_logs = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}
+            accelerator.log(eval_logs, step=state.step)
             if main:
                 bar.write(
                     " ".join(
@@ -346,27 +392,35 @@ def adapt(
                 )
             value = metrics.get(config.metric_for_best, metrics.get("val_loss"))
             if _better(
-                config.metric_for_best if config.metric_for_best in metrics else "val_loss", value, best_value
+                config.metric_for_best if config.metric_for_best in metrics else "val_loss",
+                value,
+                state.best_value,
             ):
-                best_value, best_metrics, stale = value, dict(metrics), 0
+                state.best_value, state.best_metrics, state.stale = value, dict(metrics), 0
+                state.best_step = state.step
                 best_state = {
                     n: p.detach().cpu().clone()
                     for n, p in prepared.model.named_parameters()
                     if p.requires_grad
                 }
             else:
-                stale += 1
-                if config.early_stopping_patience and stale >= config.early_stopping_patience:
+                state.stale += 1
+                if config.early_stopping_patience and state.stale >= config.early_stopping_patience:
                     if main:
                         bar.write(
-                            f"Early stopping: no improvement in {config.metric_for_best} for {stale} evaluations."
+                            f"Early stopping: no improvement in {config.metric_for_best} for {state.stale} "
+                            "evaluations."
                         )
                     break
-        if step >= total_updates:
+        ckpt.sync_manifest(accelerator, manifest)  # other processes' skip records reach skipped.jsonl
+        synced = manifest.count
+        ckpt.check_bad_fraction(synced, *bad_limit)
+        if state.step >= total_updates:
             break
     bar.close()
     train_seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
+    history, best_metrics, step = state.history, state.best_metrics, state.step
 
     if best_state is not None:  # keep the best evaluated weights, not merely the last ones
         params = dict(prepared.model.named_parameters())
@@ -416,16 +470,6 @@ def adapt(
         truncated_captions=collator.truncated,
         prompt=config.prompt,
     )
-
-
-def _save_state(accelerator, output_dir: Path, step: int, keep: int) -> None:
-    """A resumable training state under ``checkpoints/step-N``; only the newest `keep` are kept."""
-    root = output_dir / "checkpoints"
-    accelerator.save_state(str(root / f"step-{step:08d}"))
-    if accelerator.is_main_process:
-        states = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for old in states[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _validate(loss_module, processor, eval_ds, collator, accelerator, config: AdaptConfig) -> dict[str, Any]:
@@ -484,6 +528,8 @@ def _validate(loss_module, processor, eval_ds, collator, accelerator, config: Ad
 def _bleu4_cider(predictions: list[str], references: list[str]) -> dict[str, float]:
     try:
         from medblip_peft.evaluation import score_captions
+
+        scores = score_captions(predictions, references, metrics=("bleu", "cider"))
     except ImportError as err:  # the `eval` extra (pycocoevalcap) is optional for training
         import warnings
 
@@ -492,5 +538,4 @@ def _bleu4_cider(predictions: list[str], references: list[str]) -> dict[str, flo
             stacklevel=2,
         )
         return {}
-    scores = score_captions(predictions, references, metrics=("bleu", "cider"))
-    return {"bleu4": float(scores["bleu4"]), "cider": float(scores["cider"])}
+    return {"bleu_4": float(scores["bleu_4"]), "cider": float(scores["cider"])}

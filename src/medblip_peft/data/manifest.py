@@ -1,8 +1,9 @@
 """The skip manifest: every sample that was dropped, with why, so that nothing is dropped silently.
 
 Loaders record rows they drop while reading a dataset (missing image file, malformed line, duplicate id, empty
-caption, ...) and the collator records images that fail to decode during training. When the manifest has a
-path, each record is appended to that JSON Lines file at once, so the record survives a crash mid-epoch.
+caption, ...) and the collator records images that fail to decode during training; each sample once per run,
+however many epochs meet it. When the manifest has a path, each record is appended to that JSON Lines file at
+once, so the record survives a crash mid-epoch.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class SkipManifest:
         self.path = Path(path) if path is not None else None
         self.write = write
         self._records: list[dict[str, Any]] = []
+        self._seen: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
         # The collator may record from several threads (e.g. a threaded prefetcher); the lock keeps records and
         # file lines in the same order and lines whole.
         self._lock = threading.Lock()
@@ -57,9 +59,18 @@ class SkipManifest:
             stage: where it was skipped, e.g. ``"parse"`` (reading caption files), ``"load"`` (building the
                 dataset: missing image files) or ``"collate"`` (the image failed to decode in a batch).
             detail: optional free text, e.g. the decoder's error message.
+
+        A sample is recorded once per manifest: adding the same ``(id, path, reason)`` again (the collator meets
+        a bad image every epoch; a resumed run re-reads the caption files) returns the first record and writes
+        nothing. Records with neither an id nor a path cannot be told apart and are always added.
         """
         record = {"id": id, "path": path, "reason": reason, "stage": stage, "detail": detail}
+        key = (id, path, reason)
         with self._lock:
+            if id is not None or path is not None:
+                if key in self._seen:
+                    return self._seen[key]
+                self._seen[key] = record
             self._records.append(record)
             if self.path is not None and self.write:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,4 +128,5 @@ class SkipManifest:
         if p.exists():
             with p.open(encoding="utf-8") as fh:
                 manifest._records = [json.loads(line) for line in fh if line.strip()]
+            manifest._seen = {(r["id"], r["path"], r["reason"]): r for r in manifest._records}
         return manifest

@@ -1,0 +1,84 @@
+"""Two processes on CPU (torchrun, gloo) train to the same weights as one process with the same global batch.
+
+The loss is normalised by the caption-token count of the *global* batch (all-reduced), so the DDP-averaged
+gradient of two half batches equals the one-process gradient of the whole batch; accelerate gives process p the
+batches p, p + 2, ... of the same shuffled order, so step k sees the same 8 samples either way. Evaluation
+shards 5 validation rows 3 + 2 and gathers each caption exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
+SETTINGS = {
+    "num_epochs": 2,
+    "learning_rate": 1e-3,
+    "warmup_ratio": 0.25,
+    "eval_max_samples": 5,
+    "eval_num_beams": 1,
+    "metric_for_best": "val_loss",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _script_args(out: Path, batch_size: int) -> list[str]:
+    config = json.dumps({**SETTINGS, "batch_size": batch_size})
+    return [str(SCRIPT), "--strategy", "decoder", "--train-size", "16", "--eval-size", "5",
+            "--output-dir", str(out / "run"), "--result-dir", str(out / "result"), "--config", config]  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_two_cpu_processes_equal_one(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launcher += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    runs = {
+        "one": subprocess.Popen([sys.executable, *_script_args(tmp_path / "one", 8)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+        "two": subprocess.Popen([*launcher, *_script_args(tmp_path / "two", 4)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+    }  # fmt: skip
+    for name, proc in runs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{name}: {out[-3000:]}"
+
+    one, two = (json.loads((tmp_path / n / "result" / "result.json").read_text()) for n in ("one", "two"))
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    w1, w2 = (load_file(tmp_path / n / "result" / "weights.safetensors") for n in ("one", "two"))
+    assert w1.keys() == w2.keys()
+    worst = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert worst <= 1e-5, f"weights differ by {worst}"
+    from medblip_peft.testing import tiny_blip
+
+    initial = dict(tiny_blip(seed=0)[0].named_parameters())
+    moved = [k for k in w1 if not torch.equal(initial[k], w1[k])]
+    assert moved and all(k.startswith("text_decoder.") for k in moved)  # the decoder trained, nothing else
+
+    steps1 = [h for h in one["history"] if "loss" in h]
+    steps2 = [h for h in two["history"] if "loss" in h]
+    assert len(steps1) == len(steps2) == 4  # 16 samples / global batch 8 × 2 epochs
+    for a, b in zip(steps1, steps2):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["lr"] == pytest.approx(b["lr"])
+    evals1 = [h for h in one["history"] if "val_loss" in h]
+    evals2 = [h for h in two["history"] if "val_loss" in h]
+    for a, b in zip(evals1, evals2, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+        # Each of the 5 validation rows is captioned once, not padded to 6 or duplicated.
+        assert a["eval_captions"] == b["eval_captions"] == b["eval_references"] == 5.0
+    # Only the main process writes the run folder: one final model, one set of training states.
+    assert (tmp_path / "two" / "run" / "model.safetensors").is_file()
