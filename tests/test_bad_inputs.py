@@ -1,7 +1,7 @@
-"""The bad-input catalogue end to end: one generated fixture per case in a ROCO-layout dataset, trained through
-`adapt()`. Every bad sample is one line of ``skipped.jsonl`` (however many epochs meet it) and is counted; every
-good one, in every odd format, is trained on; nothing crashes; ``max_bad_fraction`` stops broken datasets; and
-``docs/reliability.md`` documents each case.
+"""The bad-input catalogue end to end: one generated fixture per case in a ROCO-layout dataset, trained
+through `adapt()`. Every bad sample is one line of ``skipped.jsonl`` (however many epochs meet it) and is
+counted; every good one, in every odd format, is trained on; nothing crashes; ``max_bad_fraction`` stops
+broken datasets; and ``docs/reliability.md`` documents each case.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _dicom() -> bytes:
 
 
 # case -> (image bytes, or None for no file; the captions.txt text after the tab, or None for a plain caption;
-# the manifest reason, or None when the sample must be trained on). Each case is one row, its id from its name.
+# the manifest reason, or None when the sample must be trained on). One row per case, its id from its name.
 Case = tuple[Callable[[], bytes | None], bytes | None, str | None]
 CASES: dict[str, Case] = {
     "corrupt JPEG": (lambda: _encode(_picture(2), "JPEG")[:200] + bytes(600) + b"\xff\xd9", None, "corrupt"),
@@ -107,7 +107,7 @@ def _id(case: str) -> str:
 
 def build_roco(root: Path) -> tuple[dict[str, str], int]:
     """Write the catalogue in ROCO's layout (every image named .jpg, as in ROCO). Returns id -> caption of the
-    rows that must be trained on, and how many rows the loaded dataset holds (those plus the undecodable ones)."""
+    rows that must be trained on, and how many rows the loaded dataset holds (those, and undecodable ones)."""
     folder = root / "data" / "train" / "radiology"
     (folder / "images").mkdir(parents=True)
     lines: list[bytes] = []

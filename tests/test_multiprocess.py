@@ -1,8 +1,8 @@
 """Two processes on CPU (torchrun, gloo) train to the same weights as one process with the same global batch.
 
 The loss is normalised by the caption-token count of the *global* batch (all-reduced), so the DDP-averaged
-gradient of two half batches equals the one-process gradient of the whole batch; accelerate gives process p the
-batches p, p + 2, ... of the same shuffled order, so step k sees the same 8 samples either way. Evaluation
+gradient of two half batches equals the one-process gradient of the whole batch; accelerate gives process p
+the batches p, p + 2, ... of the same shuffled order, so step k sees the same 8 samples either way. Evaluation
 shards 5 validation rows 3 + 2 and gathers each caption exactly once.
 """
 
@@ -38,8 +38,9 @@ def _free_port() -> int:
 
 def _script_args(out: Path, batch_size: int) -> list[str]:
     config = json.dumps({**SETTINGS, "batch_size": batch_size})
-    return [str(SCRIPT), "--strategy", "decoder", "--train-size", "16", "--eval-size", "5",
-            "--output-dir", str(out / "run"), "--result-dir", str(out / "result"), "--config", config]  # fmt: skip
+    sizes = ["--train-size", "16", "--eval-size", "5"]
+    return [str(SCRIPT), "--strategy", "decoder", *sizes, "--config", config,
+            "--output-dir", str(out / "run"), "--result-dir", str(out / "result")]  # fmt: skip
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")

@@ -1,5 +1,5 @@
-"""Numerical safety: a NaN/Inf loss or gradient skips its optimizer step; `max_nonfinite_steps` in a row stop the
-run with a clear message and the last good training state intact."""
+"""Numerical safety: a NaN/Inf loss or gradient skips its optimizer step; `max_nonfinite_steps` in a row stop
+the run with a clear message and the last good training state intact."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from medblip_peft.train import CaptioningLoss
 
 
 def inject(monkeypatch, bad_calls: set[int] | None, kind: str = "loss") -> None:
-    """Make training forward number n (1-based; validation is not counted) produce a NaN loss (``kind="loss"``)
-    or a finite loss whose gradient is Inf (``kind="grad"``), for every n in `bad_calls` (None: all of them)."""
+    """Make training forward number n (1-based; validation is not counted) produce a NaN loss
+    (``kind="loss"``) or a finite loss whose gradient is Inf (``kind="grad"``), for every n in `bad_calls`
+    (None: all of them)."""
     real = CaptioningLoss.forward
     calls = [0]
 
@@ -53,7 +54,7 @@ def test_a_nonfinite_step_is_skipped(kind, phantoms, tmp_path, quick, monkeypatc
     assert [h["step"] for h in steps] == [1, 2]
     assert math.isfinite(steps[0]["loss"]) and "skipped" not in steps[0]
     assert math.isnan(steps[1]["loss"]) and "non-finite" in steps[1]["skipped"]
-    # Step 2 changed nothing: no update, no optimizer moment, no scheduler step. The weights equal one clean step.
+    # Step 2 changed nothing (no update, no optimizer moment, no scheduler step): weights equal 1 clean step.
     expected, got = trainable(one_step), trainable(result)
     assert all(torch.equal(expected[n], got[n]) for n in expected)
     assert all(torch.isfinite(t).all() for t in got.values())

@@ -110,15 +110,21 @@ def test_killed_three_times_then_resumed_equals_uninterrupted(tmp_path):
     assert len(_train_losses(tmp_path / "ref_result")) == 9
 
 
-def test_resume_reads_pickles_with_weights_only(tiny, phantoms, tmp_path, quick, monkeypatch):
-    """accelerate 1.16 loads optimizer, scheduler and RNG states through torch.load(weights_only=True)."""
+def test_resume_with_accumulation_is_exact_and_reads_pickles_with_weights_only(
+    tiny, phantoms, tmp_path, quick, monkeypatch
+):
+    """In-process: resume mid-epoch with gradient accumulation; accelerate 1.16 reads the optimizer, scheduler
+    and RNG states through torch.load(weights_only=True)."""
     from medblip_peft import adapt
     from medblip_peft.testing import tiny_blip
 
     model, processor = tiny
-    settings = {**quick, "max_steps": 2, "save_every_steps": 1}
-    adapt(model, phantoms, strategy="decoder", processor=processor, output_dir=tmp_path, **settings)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001", "step-00000002"]
+    # 32 phantoms, 4 micro-batches of 8 per epoch, 2 per update: 3 updates span two epochs.
+    settings = {**quick, "max_steps": 3, "save_every_steps": 1, "save_total_limit": 3}
+    settings["gradient_accumulation_steps"] = 2
+    first = adapt(model, phantoms, strategy="decoder", processor=processor, output_dir=tmp_path, **settings)
+    expected = {n: p.detach().clone() for n, p in first.model.named_parameters()}
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"step-0000000{i}" for i in (1, 2, 3)]
     assert any(latest_checkpoint(tmp_path).glob("*.safetensors"))
 
     calls: list[dict] = []
@@ -130,18 +136,15 @@ def test_resume_reads_pickles_with_weights_only(tiny, phantoms, tmp_path, quick,
 
     monkeypatch.setattr(torch, "load", recording_load)
     model, processor = tiny_blip(seed=0)
-    result = adapt(
-        model,
-        phantoms,
-        strategy="decoder",
-        processor=processor,
-        output_dir=tmp_path,
-        resume_from=str(tmp_path / "checkpoints" / "step-00000001"),
-        **settings,
-    )
+    state = tmp_path / "checkpoints" / "step-00000001"  # mid-epoch: 2 of 4 micro-batches consumed
+    assert TrainerState.from_json((state / STATE_FILE).read_text()).batches_in_epoch == 2
+    result = adapt(model, phantoms, strategy="decoder", processor=processor, output_dir=tmp_path,
+                   resume_from=str(state), **settings)  # fmt: skip
     assert calls, "the optimizer/scheduler/RNG states were not read"
     assert all(kwargs.get("weights_only") is True for kwargs in calls), calls
-    assert [h["step"] for h in result.history if "loss" in h] == [1, 2]  # step 1 restored, step 2 redone
+    assert [h["loss"] for h in result.history] == [h["loss"] for h in first.history]
+    got = dict(result.model.named_parameters())
+    assert all(torch.equal(expected[n], got[n]) for n in expected)
 
 
 def test_pickle_only_states_and_checkpoints_are_refused(tmp_path):

@@ -15,9 +15,9 @@ process killed mid-save (even by SIGKILL) leaves the previous states intact and 
 save are ignored and removed by the next save. Only the newest ``save_total_limit`` states are kept.
 
 Loading is safe: accelerate 1.16 reads the model from safetensors and the optimizer, scheduler and RNG pickles
-through ``accelerate.utils.load``, which calls ``torch.load(weights_only=True)`` (numpy arrays and dtypes are the
-only extra globals it allows). Nothing here registers custom objects with ``register_for_checkpointing``, whose
-loader uses ``weights_only=False``; our own state is JSON and safetensors.
+through ``accelerate.utils.load``, which calls ``torch.load(weights_only=True)`` (numpy arrays and dtypes are
+the only extra globals it allows). Nothing here registers custom objects with ``register_for_checkpointing``,
+whose loader uses ``weights_only=False``; our own state is JSON and safetensors.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ class TooManyBadSamplesError(ValueError):
 class TrainerState:
     """Everything about the loop's progress that is not a tensor; saved as ``trainer_state.json``.
 
-    ``epoch`` is the 0-based epoch in progress and ``batches_in_epoch`` the micro-batches of it already consumed
-    (batches whose rows were all bad included), which together fix the sampler position.
+    ``epoch`` is the 0-based epoch in progress and ``batches_in_epoch`` the micro-batches of it already
+    consumed (batches whose rows were all bad included), which together fix the sampler position.
     """
 
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # kept across resumes
@@ -106,7 +106,7 @@ def _step_of(path: Path) -> int:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete training states under ``output_dir/checkpoints``, oldest first (torn ``.tmp-*`` ones excluded)."""
+    """Complete training states under ``output_dir/checkpoints``, oldest first (torn ``.tmp-*`` excluded)."""
     root = Path(output_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
@@ -128,9 +128,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def resolve_resume(resume_from: str | os.PathLike[str] | None, output_dir: Path) -> Path | None:
-    """The state to resume from: ``None`` (start fresh), ``"latest"`` (the newest state under `output_dir`, or a
-    fresh start when there is none yet, so that one command line serves the first run and every restart), or a
-    path to a ``step-N`` folder (or to a run folder, whose newest state is used)."""
+    """The state to resume from: ``None`` (start fresh), ``"latest"`` (the newest state under `output_dir`, or
+    a fresh start when there is none yet, so that one command line serves the first run and every restart), or
+    a path to a ``step-N`` folder (or to a run folder, whose newest state is used)."""
     if resume_from is None:
         return None
     if str(resume_from) == "latest":
@@ -147,14 +147,14 @@ def resolve_resume(resume_from: str | os.PathLike[str] | None, output_dir: Path)
             return found
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(
-            f"resume_from={str(resume_from)!r} is not a complete training state (no {STATE_FILE} in it). Pass a "
-            f"{CHECKPOINTS_DIR}/{_PREFIX}N folder, a run folder that holds some, or 'latest'."
+            f"resume_from={str(resume_from)!r} is not a complete training state (no {STATE_FILE} in it). "
+            f"Pass a {CHECKPOINTS_DIR}/{_PREFIX}N folder, a run folder that holds some, or 'latest'."
         )
     return path
 
 
 def _fsync_tree(folder: Path) -> None:
-    """Flush the files of `folder` to disk, so that the rename publishes complete files even after a power cut."""
+    """Flush the files of `folder` to disk, so the rename publishes whole files even after a power cut."""
     for path in folder.rglob("*"):
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
@@ -195,9 +195,9 @@ def save_training_state(
 ) -> Path:
     """Write a resumable state for ``state.step`` atomically and keep only the newest `keep` states.
 
-    Every process takes part (accelerate writes one RNG file per process into the shared folder); only the main
-    process creates, renames and deletes folders. States newer than ``state.step`` (left by a run that was
-    resumed from an older state) belong to an abandoned future and are removed.
+    Every process takes part (accelerate writes one RNG file per process into the shared folder); only the
+    main process creates, renames and deletes folders. States newer than ``state.step`` (left by a run that
+    was resumed from an older state) belong to an abandoned future and are removed.
     """
     root = output_dir / CHECKPOINTS_DIR
     final = root / f"{_PREFIX}{state.step:08d}"
@@ -237,13 +237,14 @@ def load_training_state(
 
     from medblip_peft.hub import UnsafeWeightsError
 
-    if not any(directory.glob("*.safetensors")):
+    if not (directory / "model.safetensors").is_file():  # accelerate's name for the first prepared model
         # accelerate would fall back to unpickling pytorch_model.bin; a state we wrote always has safetensors.
         pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
         raise UnsafeWeightsError(
-            f"Training state {str(directory)!r} holds no safetensors weights (only {', '.join(pickles) or 'nothing'})."
-            " medblip-peft resumes only from states it wrote itself (model.safetensors); unpickling model weights "
-            "can run arbitrary code. Resume from another state, or start afresh."
+            f"Training state {str(directory)!r} holds no safetensors weights "
+            f"(only {', '.join(pickles) or 'nothing'}). medblip-peft resumes only from states it wrote "
+            "itself (model.safetensors); unpickling model weights can run arbitrary code. Resume from "
+            "another state, or start afresh."
         )
     accelerator.load_state(str(directory))
     state = TrainerState.from_json((directory / STATE_FILE).read_text(encoding="utf-8"))
@@ -259,8 +260,8 @@ def resume(
     if directory is None:
         if resume_from is None and latest_checkpoint(output_dir) is not None:
             logger.warning(
-                "%s already holds training states of another run; this fresh run replaces them as it saves its "
-                "own. Pass resume_from='latest' (--resume) to continue that run instead.",
+                "%s already holds training states of another run; this fresh run replaces them as it saves "
+                "its own. Pass resume_from='latest' (--resume) to continue that run instead.",
                 output_dir,
             )
         return TrainerState(), None
@@ -276,14 +277,14 @@ def check_nonfinite(state: TrainerState, limit: int, output_dir: Path) -> None:
         return
     last_good = latest_checkpoint(output_dir) or "none (set save_every_steps to keep some)"
     raise NonFiniteLossError(
-        f"{state.nonfinite_in_row} optimizer steps in a row (up to step {state.step}) had a NaN or Inf loss or "
-        f"gradient; stopping. Last good training state: {last_good}. Lower learning_rate, set max_grad_norm, "
-        "or use bf16 instead of fp16, then resume with resume_from='latest'."
+        f"{state.nonfinite_in_row} optimizer steps in a row (up to step {state.step}) had a NaN or Inf loss "
+        f"or gradient; stopping. Last good training state: {last_good}. Lower learning_rate, set "
+        "max_grad_norm, or use bf16 instead of fp16, then resume with resume_from='latest'."
     )
 
 
 def rows_read(manifest: Any, *datasets: Any) -> int:
-    """Every sample read, kept (the rows of `datasets`) or dropped while loading (parse/load-stage records)."""
+    """Every sample read: kept (the rows of `datasets`) or dropped while loading (parse/load records)."""
     kept = sum(len(ds) for ds in datasets if ds is not None)
     return kept + sum(r["stage"] in ("parse", "load") for r in manifest.records)
 
@@ -295,8 +296,8 @@ def grad_norm(parameters: Any) -> torch.Tensor:
 
 
 def is_finite(value: float | torch.Tensor | None) -> bool:
-    """Whether a loss or a gradient norm is a usable number. ``None`` (DeepSpeed's ``clip_grad_norm_`` before its
-    first step) counts as finite: DeepSpeed's own loss scaler skips overflowing steps."""
+    """Whether a loss or a gradient norm is a usable number. ``None`` (DeepSpeed's ``clip_grad_norm_`` before
+    its first step) counts as finite: DeepSpeed's own loss scaler skips overflowing steps."""
     return value is None or math.isfinite(float(value))
 
 
@@ -317,6 +318,6 @@ def check_bad_fraction(bad: int, total: int, limit: float | None, manifest_path:
         return
     raise TooManyBadSamplesError(
         f"{bad} of {total} samples ({bad / total:.1%}) were skipped as bad, more than "
-        f"max_bad_fraction={limit:g}. Each one is listed, with its file and reason, in {manifest_path}: fix or "
-        "drop those rows, or raise `max_bad_fraction` (None disables the check) if the losses are expected."
+        f"max_bad_fraction={limit:g}. Each one is listed, with its file and reason, in {manifest_path}: fix "
+        "or drop those rows, or raise `max_bad_fraction` (None disables the check) if the loss is expected."
     )

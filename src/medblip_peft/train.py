@@ -206,6 +206,10 @@ def adapt(
     `model` is a Hub id, a local path or a `BlipForConditionalGeneration` (then pass `processor`). `train_data`
     and `eval_data` are a `datasets.Dataset`, a Hub dataset id, or a path (ROCO root, imagefolder, CSV or JSONL).
     `strategy` is ``"full"``, ``"encoder"``, ``"decoder"`` or ``"lora"``. `overrides` replace `config` fields.
+
+    With ``save_every_steps`` set, resumable states go to ``output_dir/checkpoints``; ``resume_from="latest"``
+    continues a killed run to the same result. Bad samples are skipped and listed in ``skipped.jsonl``, and
+    NaN/Inf steps skipped; ``max_bad_fraction`` and ``max_nonfinite_steps`` stop the run (docs/reliability.md).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed

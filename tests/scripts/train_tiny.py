@@ -1,10 +1,10 @@
 """Train the tiny BLIP on phantoms with `adapt()`, optionally killing itself with SIGKILL at a chosen point.
 
 Used by tests/test_resume.py (kill and resume) and tests/test_multiprocess.py (run under torchrun). The kill
-points are deterministic: ``--kill-after-step N`` dies right after the optimizer update of global step N (before
-the scheduler step and any checkpoint), ``--kill-during-save N`` dies while the training state of step N is half
-written. On success the main process writes ``result.json`` (history, metrics) and ``weights.safetensors`` (every
-parameter of the final model) into ``--result-dir``.
+points are deterministic: ``--kill-after-step N`` dies right after the optimizer update of global step N
+(before the scheduler step and any checkpoint), ``--kill-during-save N`` dies while the training state of step
+N is half written. On success the main process writes ``result.json`` (history, metrics) and
+``weights.safetensors`` (every parameter of the final model) into ``--result-dir``.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def main() -> None:
 
     torch.set_num_threads(1)  # the same kernels in every run, and no oversubscription on small CI machines
 
-    # Caption metrics (BLEU/CIDEr via Java) are not under test; count the gathered captions instead, which shows
-    # that evaluation sees each validation row exactly once however many processes there are.
+    # Caption metrics (BLEU/CIDEr via Java) are not under test; count the gathered captions instead, which
+    # shows that evaluation sees each validation row exactly once however many processes there are.
     train._bleu4_cider = lambda predictions, references: {
         "eval_captions": float(len(predictions)),
         "eval_references": float(len(references)),
