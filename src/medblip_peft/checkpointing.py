@@ -134,12 +134,7 @@ def resolve_resume(resume_from: str | os.PathLike[str] | None, output_dir: Path)
     if resume_from is None:
         return None
     if str(resume_from) == "latest":
-        found = latest_checkpoint(output_dir)
-        if found is None:
-            logger.warning(
-                "resume_from='latest': no training state under %s yet; starting from step 0", output_dir
-            )
-        return found
+        return latest_checkpoint(output_dir)
     path = Path(resume_from).expanduser()
     if path.is_dir() and not (path / STATE_FILE).is_file():
         found = latest_checkpoint(path)
@@ -257,6 +252,8 @@ def resume(
 ) -> tuple[TrainerState, dict[str, torch.Tensor] | None]:
     """The loop state to start from: a fresh one, or the one `resume_from` names, loaded with every tensor."""
     directory = resolve_resume(resume_from, output_dir)
+    if directory is None and resume_from is not None:
+        logger.warning("resume_from='latest': no training state under %s yet; starting at step 0", output_dir)
     if directory is None:
         if resume_from is None and latest_checkpoint(output_dir) is not None:
             logger.warning(

@@ -221,6 +221,7 @@ def adapt(
     config = (config or AdaptConfig()).replace(**overrides)
     strategy = canonical_strategy(strategy)
     output_dir = Path(output_dir) if output_dir is not None else _default_output_dir(strategy)
+    ckpt.resolve_resume(config.resume_from, output_dir)  # a bad resume_from fails before any work is done
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
