@@ -19,6 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medblip_peft.checkpointing import list_checkpoints
+
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
 SETTINGS = {
     "num_epochs": 2,
@@ -27,6 +29,7 @@ SETTINGS = {
     "eval_max_samples": 5,
     "eval_num_beams": 1,
     "metric_for_best": "val_loss",
+    "save_every_steps": 2,
 }
 
 
@@ -81,5 +84,12 @@ def test_two_cpu_processes_equal_one(tmp_path):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
         # Each of the 5 validation rows is captioned once, not padded to 6 or duplicated.
         assert a["eval_captions"] == b["eval_captions"] == b["eval_references"] == 5.0
-    # Only the main process writes the run folder: one final model, one set of training states.
+    # Only the main process writes the run folder (one final model); training states hold every rank's RNG.
     assert (tmp_path / "two" / "run" / "model.safetensors").is_file()
+    states = list_checkpoints(tmp_path / "two" / "run")
+    assert [p.name for p in states] == ["step-00000002", "step-00000004"]
+    assert {p.name for p in states[-1].glob("random_states_*.pkl")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    assert not list((tmp_path / "two" / "run" / "checkpoints").glob(".tmp-*"))
