@@ -212,6 +212,7 @@ def adapt(
     NaN/Inf steps skipped; ``max_bad_fraction`` and ``max_nonfinite_steps`` stop the run (docs/reliability.md).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -222,6 +223,9 @@ def adapt(
     strategy = canonical_strategy(strategy)
     output_dir = Path(output_dir) if output_dir is not None else _default_output_dir(strategy)
     ckpt.resolve_resume(config.resume_from, output_dir)  # a bad resume_from fails before any work is done
+    # accelerate keeps its settings (mixed precision, cpu) in a process-wide singleton; each adapt() call is a
+    # new run, so drop the previous run's settings (the distributed process group itself is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
