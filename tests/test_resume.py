@@ -189,3 +189,18 @@ def test_cli_resume_flag():
         ["train", "--train-data", "d", "--resume-from", "runs/a/checkpoints/step-00000010"]
     ).resume_from
     assert not hasattr(parse(["train", "--train-data", "d"]), "resume_from")
+
+
+def test_source_never_unpickles_or_trusts_remote_code():
+    """A guard for review: no `torch.load` without weights_only=True and no trust_remote_code=True in the package
+    (resume goes through accelerate's loader, checked above)."""
+    import re
+
+    import medblip_peft
+
+    package = Path(medblip_peft.__file__).parent
+    for path in package.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"trust_remote_code\s*=\s*True", text), path
+        for call in re.findall(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in call, f"{path}: torch.load({call})"
