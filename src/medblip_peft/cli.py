@@ -193,6 +193,91 @@ def run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- compare -------------------------------------------------------------------------------------------
+def _add_report_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="directory for results.md/.csv/.json/.png and predictions.jsonl")
+    p.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--metrics", nargs="+", help="metric families (default: bleu meteor rouge cider clinical)")
+    p.add_argument("--limit", type=int, help="use only the first N test images")
+    p.add_argument("--num-beams", type=int, help="beam width for every system")
+    p.add_argument("--max-new-tokens", type=int, help="caption length cap for every system")
+
+
+def _report_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    generation = {k: v for k, v in {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}.items()
+                  if v is not None}  # fmt: skip
+    kwargs: dict[str, Any] = {"n_resamples": args.n_resamples, "limit": args.limit, "generation": generation}
+    if args.metrics:
+        kwargs["metrics"] = args.metrics
+    return kwargs
+
+
+def add_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "systems", nargs="+", metavar="[NAME=]SYSTEM",
+        help="blip-base, blip-large, blip2, instructblip, vit-gpt2, gemini, or a checkpoint folder / Hub id",
+    )  # fmt: skip
+    p.add_argument("--data", required=True, help="test data: ROCO root, imagefolder, CSV/JSONL or Hub dataset id")
+    p.add_argument("--split", default="test", help="split of --data (default: test)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    _add_report_flags(p)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from medblip_peft.evaluation.compare import compare
+
+    systems = dict(s.split("=", 1) if "=" in s else (s, s) for s in args.systems)
+    report = compare(systems, args.data, out_dir=args.out, split=args.split, batch_size=args.batch_size,
+                     device=args.device, **_report_kwargs(args))  # fmt: skip
+    print(report.files["markdown"].read_text(encoding="utf-8"))
+    print(f"Wrote {', '.join(str(f) for f in report.files.values())}")
+    return 0
+
+
+# --- ablate --------------------------------------------------------------------------------------------
+def add_ablate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="base BLIP (Hub id or folder); default: the tiny demo model, on phantoms")
+    p.add_argument("--train-data", help="training data; without it, synthetic phantoms are used")
+    p.add_argument("--test-data", help="test data (same forms as --train-data)")
+    p.add_argument("--eval-data", help="validation data for best-epoch selection (optional)")
+    p.add_argument("--strategies", nargs="+", default=["full", "encoder", "decoder", "lora"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, help="optimizer steps per strategy (overrides --epochs)")
+    p.add_argument("--epochs", type=int, help="epochs per strategy (phantom default: 8, as the demo)")
+    p.add_argument("--learning-rate", type=float, help="one learning rate for every strategy")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--train-size", type=int, default=2000, help="phantom mode: training phantoms")
+    p.add_argument("--test-size", type=int, default=100, help="phantom mode: test phantoms")
+    _add_report_flags(p)
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    from medblip_peft.evaluation.compare import PHANTOM_TRAINING, ablate, phantom_inputs
+
+    overrides: dict[str, Any] = {}
+    if args.train_data is None and args.test_data is None:  # offline default: phantoms and the tiny model
+        if args.model:
+            raise SystemExit("error: --model needs --train-data and --test-data (without them: phantoms).")
+        model, train, test = phantom_inputs(args.out, train_size=args.train_size, test_size=args.test_size,
+                                            seed=args.seed)  # fmt: skip
+        overrides.update(PHANTOM_TRAINING, cpu=True)  # a tiny model: the CPU is as fast as any GPU
+        epochs = args.epochs or 8
+    elif args.train_data and args.test_data:
+        model, train, test, epochs = args.model or "Salesforce/blip-image-captioning-base", args.train_data, \
+            args.test_data, args.epochs
+    else:
+        raise SystemExit("error: pass both --train-data and --test-data, or neither (phantoms).")
+    overrides.update({k: v for k, v in {"learning_rate": args.learning_rate, "batch_size": args.batch_size}.items()
+                      if v is not None})  # fmt: skip
+    report = ablate(model, train, test, out_dir=args.out, strategies=args.strategies, seed=args.seed,
+                    max_steps=args.max_steps, num_epochs=epochs, eval_data=args.eval_data, report_to="none",
+                    **_report_kwargs(args), **overrides)  # fmt: skip
+    print(report.files["markdown"].read_text(encoding="utf-8"))
+    print(f"Wrote {', '.join(str(f) for f in report.files.values())}")
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------------------
 # name -> (help, add_arguments, run). Later subcommands register here the same way.
 COMMANDS: dict[
@@ -206,6 +291,10 @@ COMMANDS: dict[
     "train": ("Fine-tune BLIP with one strategy (adapt()).", add_train, run_train),
     "caption": ("Caption images with a trained checkpoint.", add_caption, run_caption),
     "push": ("Publish a checkpoint to the Hugging Face Hub (private unless --public).", add_push, run_push),
+    "compare": ("Caption one test split with several systems; tables with CIs, paired tests, chart.",
+                add_compare, run_compare),
+    "ablate": ("Fine-tune with each strategy on the same budget and compare (phantoms by default).",
+               add_ablate, run_ablate),
 }
 
 
