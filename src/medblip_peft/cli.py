@@ -278,6 +278,40 @@ def run_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- explain ---------------------------------------------------------------------------------------------
+def add_explain(p: argparse.ArgumentParser) -> None:
+    # Method names are checked by explain() itself: importing the registry here would load torch on --help.
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, DICOM, ...)")
+    p.add_argument("--checkpoint", required=True, help="trained model directory or Hub repo id")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    p.add_argument(
+        "--method", nargs="+", default=["grad_x_attention"],
+        help="cross_attention, attention_rollout, grad_x_attention (default), integrated_gradients, occlusion",
+    )
+    p.add_argument("--out", required=True, help="directory for the overlays: OUT/<image>/<method>/")
+    p.add_argument("--caption", help="explain this caption (teacher-forced) instead of the model's own")
+    p.add_argument("--tokens", nargs="+", help="explain only these caption tokens (words)")
+    p.add_argument("--num-beams", type=int, help="beam width for the generated caption")
+    p.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from medblip_peft.caption import Captioner
+    from medblip_peft.explain import explain
+
+    captioner = Captioner.from_pretrained(args.checkpoint, revision=args.revision, device=args.device)
+    generation = {"num_beams": args.num_beams} if args.num_beams else None
+    for image in args.images:
+        for method in args.method:
+            exp = explain(captioner, image, method=method, caption=args.caption, tokens=args.tokens,
+                          generation=generation)
+            exp.save(Path(args.out) / Path(image).stem / method)
+            print(f"{image}\t{method}\t{exp.caption}")
+            for token, peak in zip(exp.tokens, exp.peaks):
+                print(f"  {token:<16} peak (x, y) = {peak if peak is not None else 'none'}")
+    return 0
+
+
 # --- entry point ---------------------------------------------------------------------------------------
 # name -> (help, add_arguments, run). Later subcommands register here the same way.
 COMMANDS: dict[
@@ -291,6 +325,7 @@ COMMANDS: dict[
     "train": ("Fine-tune BLIP with one strategy (adapt()).", add_train, run_train),
     "caption": ("Caption images with a trained checkpoint.", add_caption, run_caption),
     "push": ("Publish a checkpoint to the Hugging Face Hub (private unless --public).", add_push, run_push),
+    "explain": ("Heatmaps of the image regions behind each caption token.", add_explain, run_explain),
     "compare": ("Caption one test split with several systems; tables with CIs, paired tests, chart.",
                 add_compare, run_compare),
     "ablate": ("Fine-tune with each strategy on the same budget and compare (phantoms by default).",
