@@ -99,14 +99,15 @@ def grounding_score(
     empty are skipped. Without `teacher_forced` the model's own caption is explained (greedy decoding unless
     `generation` says otherwise), so a token counts even when the model got the side wrong. Returns
     ``{"methods": {name: {"pointing_game", "energy", "tokens", "seconds_per_caption"}}, "baseline":
-    {"pointing_game", "energy"}, "images", "tokens", "per_word"}``.
+    {"pointing_game", "energy"}, "images", "images_without_location_tokens", "tokens", "per_word"}``; ``per_word``
+    gives each method's pointing game per location word.
     """
     from medblip_peft.explain.core import explain
 
     options = method_options or {}
     stats = {m: {"hits": 0, "energy": 0.0, "seconds": 0.0, "captions": 0} for m in methods}
     per_word: dict[str, dict[str, list[int]]] = {m: {} for m in methods}
-    area_sum, n_tokens, n_images = 0.0, 0, 0
+    area_sum, n_tokens, n_images, n_silent = 0.0, 0, 0, 0
     rows: Iterable[Any] = (
         dataset if max_items is None else dataset.select(range(min(max_items, len(dataset))))
     )
@@ -123,11 +124,12 @@ def grounding_score(
         if caption is None:
             caption = captioner([image], **{"num_beams": 1, **(generation or {})})[0]
         picks = location_token_indices(_tokens_of(captioner, caption))
-        if not picks:
+        if not picks:  # e.g. "no focal lesion" on a lesion-bearing phantom: nothing to point with
+            n_silent += 1
             continue
         n_images += 1
         n_tokens += len(picks)
-        area_sum += mask.mean() * len(picks)
+        area_sum += float(mask.mean()) * len(picks)
         for name in methods:
             exp = explain(
                 captioner, image, method=name, caption=caption, tokens=picks, **options.get(name, {})
@@ -153,6 +155,7 @@ def grounding_score(
         },
         "baseline": {"pointing_game": area_sum / denom, "energy": area_sum / denom},
         "images": n_images,
+        "images_without_location_tokens": n_silent,
         "tokens": n_tokens,
         "per_word": {m: {w: float(np.mean(h)) for w, h in words.items()} for m, words in per_word.items()},
     }

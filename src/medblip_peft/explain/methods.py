@@ -3,15 +3,15 @@
 Every method takes a `CaptionTarget` and returns raw, signed patch scores of shape ``(tokens, rows, cols)``.
 Costs are per explained caption with *T* tokens and *P* vision patches:
 
-=====================  =====================================  =================================================
-method                 passes                                 what it measures
-=====================  =====================================  =================================================
-``cross_attention``    1 forward                              where the decoder looked (not why)
-``attention_rollout``  1 forward                              attention flow through the decoder's layers
-``grad_x_attention``   1 forward + 1 decoder backward         attention weighted by its effect on log p(token)
-``integrated_gradients`` T × n_steps forward + backward       patch-embedding path integral from a baseline
-``occlusion``          ⌈P / batch⌉ forward passes, batch ≤ P  drop in log p(token) when a patch is blanked
-=====================  =====================================  =================================================
+========================  ======================================  ===============================================
+method                    passes                                  what it measures
+========================  ======================================  ===============================================
+``cross_attention``       1 forward                               where the decoder looked (not why)
+``attention_rollout``     1 forward                               attention flow through the decoder's layers
+``grad_x_attention``      1 forward + 1 decoder backward          attention weighted by its effect on log p(token)
+``integrated_gradients``  T × n_steps forward + backward          patch-embedding path integral from a baseline
+``occlusion``             1 + P forwards, no backward             log p(token) lost when a patch is blanked
+========================  ======================================  ===============================================
 
 The Captum methods batch their internal steps (``internal_batch_size`` for integrated gradients,
 ``perturbations_per_eval`` for occlusion), so memory stays bounded however many steps or patches there are.
@@ -114,6 +114,11 @@ def _to_grid(scores: torch.Tensor, target: CaptionTarget) -> torch.Tensor:
     return scores.reshape(target.num_tokens, *target.grid)
 
 
+def _combine(maps: torch.Tensor, heads: str | int, target: CaptionTarget) -> torch.Tensor:
+    """``(layers, T, heads, P)`` -> ``(T, rows, cols)``: collapse heads as asked, then average the layers."""
+    return _to_grid(torch.stack([_reduce_heads(m, heads) for m in maps]).mean(0), target)
+
+
 # --- attention methods --------------------------------------------------------------------------------------
 @register_method(
     "cross_attention",
@@ -125,8 +130,7 @@ def cross_attention(target: CaptionTarget, *, layers: Any, heads: Any) -> torch.
     with torch.no_grad():
         text = target.decode(target.image_embeds(), output_attentions=True)
     ids = _layer_ids(layers, len(text.cross_attentions))
-    maps = _query_rows([text.cross_attentions[i] for i in ids], target)  # (L, T, H, P)
-    return _to_grid(torch.stack([_reduce_heads(m, heads) for m in maps]).mean(0), target)
+    return _combine(_query_rows([text.cross_attentions[i] for i in ids], target), heads, target)
 
 
 @register_method(
@@ -176,8 +180,8 @@ def grad_x_attention(target: CaptionTarget, *, layers: Any, heads: Any) -> torch
         embeds.requires_grad_(True), target=list(range(target.num_tokens))
     )
     per_layer = [a[1] for a in (attributions if isinstance(attributions, list) else [attributions])]
-    maps = _query_rows(per_layer, target).clamp(min=0)  # (L, T, H, P): evidence for the token only
-    return _to_grid(torch.stack([_reduce_heads(m, heads) for m in maps]).mean(0), target)
+    # Positive part per head before averaging (Chefer et al.): evidence for the token only.
+    return _combine(_query_rows(per_layer, target).clamp(min=0), heads, target)
 
 
 # --- perturbation and path methods on the image --------------------------------------------------------------
