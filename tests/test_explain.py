@@ -174,6 +174,15 @@ def test_prompt_tokens_are_never_explained(untrained):
     assert generated.caption == prompted([image])[0] and len(generated.tokens) <= 8
 
 
+def test_top_level_export_works_after_the_package_is_imported(untrained):
+    import medblip_peft
+
+    # This module imported medblip_peft.explain first, which binds the package to that name.
+    exp = medblip_peft.explain(untrained, make_phantoms(1, seed=3)[0]["image"], method="cross_attention",
+                               caption=CAPTION)
+    assert exp.patch_heatmaps.shape[1:] == (4, 4)
+
+
 def test_location_tokens_and_spearman():
     tokens = ["ct", "showing", "no", "focal", "lesion", "in", "the", "left", "upper", "zone", "a", "mass"]
     assert location_token_indices(tokens) == [7, 8, 11]  # "lesion" is negated

@@ -12,6 +12,10 @@ docs/explain.md for when to use which. `grounding_score` and `randomization_chec
 
 from __future__ import annotations
 
+import sys
+import types
+from typing import Any
+
 from medblip_peft.explain import methods as _methods  # noqa: F401  (fills the registry)
 from medblip_peft.explain.core import CaptionTarget, Explanation, explain
 from medblip_peft.explain.grounding import (
@@ -40,3 +44,15 @@ __all__ = [
     "register_method",
     "spearman",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """This package shares its name with the function `medblip_peft.explain` exports lazily. Once the package
+    is imported, Python binds ``medblip_peft.explain`` to it, so ``from medblip_peft import explain`` returns
+    the package; making it callable keeps ``explain(captioner, image, ...)`` working either way."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Explanation:
+        return explain(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
