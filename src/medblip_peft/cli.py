@@ -67,7 +67,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             f"--{f.name.replace('_', '-')}",
             dest=f.name,
             default=argparse.SUPPRESS,
-            help=f.metadata.get("help"),
+            help=(f.metadata.get("help") or "").replace("%", "%%"),
             **_flag_type(str(f.type)),
         )
 
