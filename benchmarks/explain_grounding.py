@@ -1,6 +1,6 @@
 """Grounding benchmark for `medblip_peft.explain`: the numbers and overlays in docs/explain.md.
 
-1. Train the demo model (`DEMO_MODEL`, 2000 phantoms, 8 epochs, lr 1.5e-3: `run_demo`'s settings), or reuse
+1. Train the demo model (`DEMO_MODEL`, 2000 phantoms, 12 epochs, lr 1.5e-3: `run_demo`'s settings), or reuse
    the checkpoint in ``--workdir``.
 2. Pointing game and energy-in-mask of every method on held-out lesion-bearing phantoms (seed 2).
 3. Randomisation check (decoder cross-attention, then the whole model) on a few held-out phantoms.
@@ -46,7 +46,7 @@ def train_or_load(workdir: Path) -> Captioner:
         strategy="full",
         processor=processor,
         output_dir=checkpoint,
-        num_epochs=8,
+        num_epochs=12,
         learning_rate=1.5e-3,
         batch_size=16,
         warmup_ratio=0.1,

@@ -40,7 +40,8 @@ def test_round_trip_gives_identical_captions(strategy, base_dir, phantoms, tmp_p
         from safetensors import safe_open
 
         with safe_open(out / "adapter_model.safetensors", "pt") as f:
-            assert all("lora_" in k for k in f.keys()), "an adapter directory holds adapter weights only"
+            names = list(f.keys())
+        assert names and all("lora_" in k for k in names), "an adapter directory holds adapter weights only"
         assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base_dir)
     else:
         assert {"model.safetensors", "config.json", "generation_config.json", "processor_config.json"} <= files

@@ -67,7 +67,7 @@ def run_demo(
     train_size: int = 2000,
     eval_size: int = 64,
     test_size: int = 100,
-    num_epochs: int = 10,
+    num_epochs: int = 12,
     learning_rate: float = 1.5e-3,
     seed: int = 0,
     log=print,

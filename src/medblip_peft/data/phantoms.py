@@ -99,8 +99,9 @@ def _body(modality: str, size: int, rng: np.random.Generator) -> np.ndarray:
         ang = np.arctan2(x - 0.5, y + 0.05)
         rad = np.hypot(x - 0.5, y + 0.05)
         fan = (np.abs(ang) < 0.75) & (rad > 0.12) & (rad < 1.02)
-        speckle = rng.rayleigh(0.25, (size, size)).astype(np.float32)
-        img = np.where(fan, 0.3 + speckle, 0.0)
+        # Mild speckle: strong enough to look like ultrasound, weak enough that a tiny model sees the lesion.
+        speckle = rng.rayleigh(0.12, (size, size)).astype(np.float32)
+        img = np.where(fan, 0.45 + speckle, 0.0)
     else:  # pragma: no cover - guarded by make_phantoms
         raise ValueError(modality)
     return img.astype(np.float32)
@@ -159,8 +160,9 @@ def make_phantoms(
             cx, cy = _lesion_centre(side, level, rng)
             radius = rng.uniform(0.09, 0.12)
             mask = (x - cx) ** 2 + (y - cy) ** 2 < radius**2
-            # Ultrasound lesions are hypoechoic (dark); elsewhere they are dense (bright).
-            img = np.where(mask, 0.05 if modality == "ultrasound" else 1.0, img)
+            # Bright on every modality: dense on CT and radiographs, hyperintense on MRI, hyperechoic on
+            # ultrasound (a dark lesion would look like the black outside of the fan).
+            img = np.where(mask, 1.0, img)
             ys_, xs_ = np.nonzero(mask)
             box = [int(xs_.min()), int(ys_.min()), int(xs_.max()) + 1, int(ys_.max()) + 1]
         pixels = (np.clip(img, 0, 1) * 255).astype(np.uint8)
