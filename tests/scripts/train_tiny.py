@@ -67,7 +67,7 @@ def main() -> None:
     from accelerate import PartialState
     from safetensors.torch import save_file
 
-    from medblip_peft import train
+    from medblip_peft import train, validation
     from medblip_peft.data import make_phantoms
     from medblip_peft.testing import tiny_blip
 
@@ -75,7 +75,7 @@ def main() -> None:
 
     # Caption metrics (BLEU/CIDEr via Java) are not under test; count the gathered captions instead, which
     # shows that evaluation sees each validation row exactly once however many processes there are.
-    train._bleu4_cider = lambda predictions, references: {
+    validation.bleu4_cider = lambda predictions, references: {
         "eval_captions": float(len(predictions)),
         "eval_references": float(len(references)),
     }
