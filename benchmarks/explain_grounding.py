@@ -23,7 +23,7 @@ import torch
 
 from medblip_peft.caption import Captioner
 from medblip_peft.data.phantoms import make_phantoms
-from medblip_peft.demo import DEMO_MODEL, phantom_accuracy
+from medblip_peft.demo import DEMO_MODEL, DEMO_TRAINING, phantom_accuracy
 from medblip_peft.explain import METHODS, explain, grounding_score, randomization_check
 from medblip_peft.testing import blip_base_config, tiny_blip, tiny_tokenizer
 
@@ -46,10 +46,7 @@ def train_or_load(workdir: Path) -> Captioner:
         strategy="full",
         processor=processor,
         output_dir=checkpoint,
-        num_epochs=12,
-        learning_rate=1.5e-3,
-        batch_size=16,
-        warmup_ratio=0.1,
+        **DEMO_TRAINING,
         report_to="none",
         progress=False,
         cpu=True,

@@ -13,10 +13,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMO_MODEL", "phantom_accuracy", "run_demo"]
+__all__ = ["DEMO_MODEL", "DEMO_TRAINING", "phantom_accuracy", "run_demo"]
 
 # The tiny architecture the demo and the learning tests use.
 DEMO_MODEL: dict[str, Any] = {"image_size": 64, "patch_size": 16, "hidden_size": 64, "num_layers": 2}
+# How the demo trains it (on 2,000 phantoms): tests and benchmarks that need "the demo model" reuse these.
+DEMO_TRAINING: dict[str, Any] = {
+    "num_epochs": 12,
+    "learning_rate": 1.5e-3,
+    "batch_size": 16,
+    "warmup_ratio": 0.1,
+}
 
 
 def phantom_accuracy(predictions: Sequence[str], dataset) -> dict[str, float]:
@@ -67,8 +74,8 @@ def run_demo(
     train_size: int = 2000,
     eval_size: int = 64,
     test_size: int = 100,
-    num_epochs: int = 12,
-    learning_rate: float = 1.5e-3,
+    num_epochs: int = DEMO_TRAINING["num_epochs"],
+    learning_rate: float = DEMO_TRAINING["learning_rate"],
     seed: int = 0,
     log=print,
     **overrides: Any,
@@ -106,10 +113,9 @@ def run_demo(
         output_dir=output_dir / "model",
         processor=processor,
         **{
+            **DEMO_TRAINING,
             "num_epochs": num_epochs,
             "learning_rate": learning_rate,
-            "batch_size": 16,
-            "warmup_ratio": 0.1,
             "eval_num_beams": 1,
             "eval_max_samples": eval_size,
             "metric_for_best": "val_loss",
