@@ -244,7 +244,7 @@ def add_ablate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategies", nargs="+", default=["full", "encoder", "decoder", "lora"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, help="optimizer steps per strategy (overrides --epochs)")
-    p.add_argument("--epochs", type=int, help="epochs per strategy (phantom default: 8, as the demo)")
+    p.add_argument("--epochs", type=int, help="epochs per strategy (phantom default: the demo's 12)")
     p.add_argument("--learning-rate", type=float, help="one learning rate for every strategy")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--train-size", type=int, default=2000, help="phantom mode: training phantoms")
@@ -253,7 +253,8 @@ def add_ablate(p: argparse.ArgumentParser) -> None:
 
 
 def run_ablate(args: argparse.Namespace) -> int:
-    from medblip_peft.evaluation.compare import PHANTOM_TRAINING, ablate, phantom_inputs
+    from medblip_peft.demo import DEMO_TRAINING
+    from medblip_peft.evaluation.compare import ablate, phantom_inputs
 
     overrides: dict[str, Any] = {}
     if args.train_data is None and args.test_data is None:  # offline default: phantoms and the tiny model
@@ -261,8 +262,9 @@ def run_ablate(args: argparse.Namespace) -> int:
             raise SystemExit("error: --model needs --train-data and --test-data (without them: phantoms).")
         model, train, test = phantom_inputs(args.out, train_size=args.train_size, test_size=args.test_size,
                                             seed=args.seed)  # fmt: skip
-        overrides.update(PHANTOM_TRAINING, cpu=True)  # a tiny model: the CPU is as fast as any GPU
-        epochs = args.epochs or 8
+        # The demo's training settings; a tiny model: the CPU is as fast as any GPU.
+        overrides.update({k: v for k, v in DEMO_TRAINING.items() if k != "num_epochs"}, cpu=True)
+        epochs = args.epochs or DEMO_TRAINING["num_epochs"]
     elif args.train_data and args.test_data:
         model, train, test, epochs = args.model or "Salesforce/blip-image-captioning-base", args.train_data, \
             args.test_data, args.epochs

@@ -23,11 +23,9 @@ from .baselines import CaptionerLike, load_baseline
 from .scoring import DEFAULT_METRICS, caption_stats
 from .tables import TABLE_METRICS, Report, bar_panels, build_report, metric_panels, write_report
 
-__all__ = ["PHANTOM_TRAINING", "STRATEGIES", "TestSplit", "ablate", "compare", "load_test_split", "phantom_inputs"]
+__all__ = ["STRATEGIES", "TestSplit", "ablate", "compare", "load_test_split", "phantom_inputs"]
 
 STRATEGIES = ("full", "encoder", "decoder", "lora")
-#: Training settings under which the tiny demo model learns phantoms (see medblip_peft.demo).
-PHANTOM_TRAINING: dict[str, Any] = {"learning_rate": 1.5e-3, "batch_size": 16, "warmup_ratio": 0.1}
 
 
 @dataclass
