@@ -9,12 +9,15 @@ once, so the record survives a crash mid-epoch.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SkipManifest"]
+__all__ = ["SkipManifest", "report_skips"]
+
+logger = logging.getLogger("medblip_peft.data")
 
 
 class SkipManifest:
@@ -130,3 +133,18 @@ class SkipManifest:
                 manifest._records = [json.loads(line) for line in fh if line.strip()]
             manifest._seen = {(r["id"], r["path"], r["reason"]): r for r in manifest._records}
         return manifest
+
+
+def report_skips(manifest: SkipManifest, first_record: int, where: str, *, kept: int) -> None:
+    """One warning line per load with the skip counts by reason; an error when nothing is left."""
+    skipped = manifest.records[first_record:]
+    if not skipped:
+        return
+    counts = dict(sorted(Counter(r["reason"] for r in skipped).items()))
+    saved = f"in {manifest.path}" if manifest.path is not None else "in the in-memory skip manifest"
+    message = f"{where}: kept {kept} rows, skipped {len(skipped)} {counts}; each is recorded {saved}"
+    if kept == 0:
+        raise ValueError(
+            f"{message}. Nothing is left to train on: check the image folder and the caption column."
+        )
+    logger.warning(message)
