@@ -8,7 +8,6 @@ leaks into scored text.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,10 +18,10 @@ from torch import nn
 
 from medblip_peft.data.collate import prompt_length
 from medblip_peft.data.images import load_image
+from medblip_peft.templates.card import METADATA_FILE, read_json
 
 __all__ = ["DEFAULT_GENERATION", "METADATA_FILE", "Captioner", "auto_device", "load_blip"]
 
-METADATA_FILE = "medblip_peft.json"
 
 # 64 new tokens hold the 90th-percentile ROCO caption (37 words, 64 WordPiece tokens with [CLS]/[SEP]); the
 # study's 20-token cap cut off 37% of the references.
@@ -47,8 +46,8 @@ def auto_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def read_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(folder) / METADATA_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """The ``medblip_peft.json`` a checkpoint was saved with, or ``{}``."""
+    return read_json(Path(folder) / METADATA_FILE)
 
 
 def load_blip(source: Any, *, processor=None, revision: str | None = None):
@@ -74,7 +73,7 @@ def load_blip(source: Any, *, processor=None, revision: str | None = None):
     if adapter_file.is_file():
         from peft import PeftModel
 
-        base_id = json.loads(adapter_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base_id = read_json(adapter_file).get("base_model_name_or_path")
         if not base_id:
             raise ValueError(
                 f"{adapter_file} has no `base_model_name_or_path`; set it to the base BLIP's id or path."

@@ -23,6 +23,7 @@ from datasets import Dataset, DatasetDict, Value
 
 from medblip_peft.data.manifest import SkipManifest, report_skips
 from medblip_peft.data.roco import find_roco_dir, load_roco
+from medblip_peft.templates.card import looks_like_path
 
 __all__ = ["load_caption_dataset", "load_roco"]
 
@@ -106,8 +107,7 @@ def load_caption_dataset(
 def _looks_like_local_path(text: str) -> bool:
     """A typo in a local path should say "not found", not fail later with a Hub network error. Hub ids are
     ``name`` or ``owner/name``: more than one slash, a leading ``/ . ~`` or a table suffix means a path."""
-    local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text
-    return local or text.lower().endswith(_TABLE_SUFFIXES)
+    return looks_like_path(text) or text.lower().endswith(_TABLE_SUFFIXES)
 
 
 def _pick_split(source: Any, split: str, where: str) -> Dataset:
