@@ -401,12 +401,10 @@ def adapt(
                         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
                     )
                 )
-            value = metrics.get(config.metric_for_best, metrics.get("val_loss"))
-            if _better(
-                config.metric_for_best if config.metric_for_best in metrics else "val_loss",
-                value,
-                state.best_value,
-            ):
+            # Without the `eval` extra there are no caption metrics: selection falls back to the loss.
+            key = config.metric_for_best if config.metric_for_best in metrics else "val_loss"
+            value = metrics[key]
+            if _better(key, value, state.best_value):
                 state.best_value, state.best_metrics, state.stale = value, dict(metrics), 0
                 state.best_step = state.step
                 best_state = {
