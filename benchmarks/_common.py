@@ -210,9 +210,7 @@ def interleaved(
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU model, core count, GPU name, package versions and the UTC date, for the docs table."""
-    import accelerate
-    import peft
-    import transformers
+    from medblip_peft.train import library_versions
 
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -227,11 +225,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "accelerate": accelerate.__version__,
+        **library_versions(),
     }
 
 

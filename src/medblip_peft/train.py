@@ -28,7 +28,7 @@ from medblip_peft.data.manifest import SkipManifest
 from medblip_peft.strategies import apply_strategy, blip_core, format_parameter_report, parameter_report
 from medblip_peft.validation import validate
 
-__all__ = ["AdaptResult", "CaptioningLoss", "adapt", "save_checkpoint"]
+__all__ = ["AdaptResult", "CaptioningLoss", "adapt", "library_versions", "save_checkpoint"]
 
 
 @dataclass
@@ -123,7 +123,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries a run depends on, for metadata and benchmark records."""
     import accelerate
     import peft
     import transformers
@@ -151,7 +152,7 @@ def save_checkpoint(model: nn.Module, processor, directory: str | Path, metadata
     processor.save_pretrained(directory)
     meta = {
         "format_version": 1,
-        "versions": _versions(),
+        "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(),
         **metadata,
     }
