@@ -1,6 +1,6 @@
 """Grounding benchmark for `medblip_peft.explain`: the numbers and overlays in docs/explain.md.
 
-1. Train the demo model (`DEMO_MODEL`, 2000 phantoms, 12 epochs, lr 1.5e-3: `run_demo`'s settings), or reuse
+1. Train the demo model with `run_demo` (exactly what `medblip-peft demo` trains: 2000 phantoms, 32 epochs), or reuse
    the checkpoint in ``--workdir``.
 2. Pointing game and energy-in-mask of every method on held-out lesion-bearing phantoms (seed 2).
 3. Randomisation check (decoder cross-attention, then the whole model) on a few held-out phantoms.
@@ -23,36 +23,22 @@ import torch
 
 from medblip_peft.caption import Captioner
 from medblip_peft.data.phantoms import make_phantoms
-from medblip_peft.demo import DEMO_MODEL, DEMO_TRAINING, phantom_accuracy
+from medblip_peft.demo import DEMO_MODEL, phantom_accuracy
 from medblip_peft.explain import METHODS, explain, grounding_score, randomization_check
-from medblip_peft.testing import blip_base_config, tiny_blip, tiny_tokenizer
+from medblip_peft.testing import blip_base_config, tiny_tokenizer
 
 METHOD_NAMES = [m for m in METHODS if not m.startswith("_")]
 CAPTION = "Chest radiograph showing a mass in the upper left zone."
 
 
 def train_or_load(workdir: Path) -> Captioner:
-    from medblip_peft.train import adapt
+    """The demo model: `run_demo` exactly as `medblip-peft demo` runs it (the tests explain the same model)."""
+    from medblip_peft.demo import run_demo
 
-    checkpoint = workdir / "model"
-    if (checkpoint / "medblip_peft.json").is_file():
-        return Captioner.from_pretrained(checkpoint, device="cpu")
-    model, processor = tiny_blip(seed=0, **DEMO_MODEL)
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    adapt(
-        model,
-        make_phantoms(2000, seed=0, image_size=DEMO_MODEL["image_size"]),
-        strategy="full",
-        processor=processor,
-        output_dir=checkpoint,
-        **DEMO_TRAINING,
-        report_to="none",
-        progress=False,
-        cpu=True,
-        seed=0,
-    )
-    print(f"trained in {time.perf_counter() - start:.0f}s")
+    checkpoint = workdir / "demo" / "model"
+    if not (checkpoint / "medblip_peft.json").is_file():
+        result = run_demo(output_dir=workdir / "demo", log=print)
+        print(f"trained the demo model in {result['seconds']:.0f}s")
     return Captioner.from_pretrained(checkpoint, device="cpu")
 
 
@@ -80,7 +66,8 @@ def _seconds(fn, repeat: int = 2) -> float:
 def base_timing(ig_steps: int, ig_batch: int, occlusion_batch: int) -> dict:
     """The real BLIP-base architecture with random weights, one teacher-forced caption, CPU.
 
-    The attention methods are timed end to end. Integrated gradients (tokens x n_steps vision forward and
+    The attention methods (attention_ig with its defaults: 16 steps, 16 decoder copies per pass) are timed end
+    to end. Integrated gradients (tokens x n_steps vision forward and
     backward passes) and occlusion (577 vision forward passes) would take tens of minutes on a small CPU, so
     their cost is measured per batch of passes and multiplied out; the JSON says which numbers are which.
     """
@@ -96,7 +83,7 @@ def base_timing(ig_steps: int, ig_batch: int, occlusion_batch: int) -> dict:
     captioner = Captioner(model, processor, device="cpu")
     image = make_phantoms(1, seed=11, image_size=384)[0]["image"]
     out: dict[str, Any] = {}
-    for name in ("cross_attention", "attention_rollout", "grad_x_attention"):
+    for name in ("cross_attention", "attention_rollout", "grad_x_attention", "attention_ig"):
         exp = explain(captioner, image, method=name, caption=CAPTION)
         out[name] = {"seconds": round(exp.seconds, 2), "tokens": len(exp.tokens), "measured": True}
     target = prepare(captioner, image, caption=CAPTION)[0]

@@ -41,3 +41,14 @@ def quick():
     """AdaptConfig overrides for a few fast, quiet training steps."""
     return {"batch_size": 8, "max_steps": 3, "learning_rate": 1e-3, "warmup_ratio": 0.0, "report_to": "none",
             "progress": False, "cpu": True, "weight_decay": 0.0}
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`run_demo` exactly as `medblip-peft demo` runs it, once per session (about 70 s on one thread): the
+    demo tests check its numbers and the explanation tests explain its checkpoint."""
+    from medblip_peft.demo import run_demo
+
+    lines: list[str] = []
+    result = run_demo(output_dir=tmp_path_factory.mktemp("demo") / "demo", log=lines.append)
+    return {**result, "log": lines}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from medblip_peft.demo import phantom_accuracy, run_demo
+from pathlib import Path
+
+from medblip_peft.demo import phantom_accuracy
 
 
-def test_demo_learns_phantoms_and_round_trips(tmp_path):
-    lines: list[str] = []
-    result = run_demo(output_dir=tmp_path / "demo", log=lines.append)
+def test_demo_learns_phantoms_and_round_trips(demo_run):
+    result = demo_run
     before, after = result["before"], result["after"]
     assert after["side_and_level"] >= 0.9, result
     assert after["modality"] >= 0.9, result
@@ -16,8 +17,8 @@ def test_demo_learns_phantoms_and_round_trips(tmp_path):
     # the reloaded checkpoint captions the test phantoms the same way the in-memory model does
     assert len(result["examples"]) == 3
     assert all(ex["caption"] for ex in result["examples"])
-    assert (tmp_path / "demo" / "model" / "model.safetensors").is_file()
-    assert any("Checkpoint:" in line for line in lines)
+    assert (Path(result["output_dir"]) / "model.safetensors").is_file()
+    assert any("Checkpoint:" in line for line in result["log"])
 
 
 def test_phantom_accuracy_counts_normals_and_sides():

@@ -1,7 +1,8 @@
 """Explanations: shapes and normalisation of every method, grounding on a trained tiny model, the
 randomisation check, LoRA checkpoints and the CLI.
 
-One tiny model is trained per session (module fixture `trained`); everything else uses untrained models.
+The demo model is trained once per session (conftest's `demo_run`, shared with the demo test); everything else
+uses untrained models.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from medblip_peft.caption import Captioner
 from medblip_peft.data.phantoms import make_phantoms
-from medblip_peft.demo import DEMO_MODEL, DEMO_TRAINING
+from medblip_peft.demo import DEMO_MODEL
 from medblip_peft.explain import (
     METHODS,
     explain,
@@ -27,7 +28,11 @@ from medblip_peft.explain import (
 from medblip_peft.testing import tiny_blip
 
 # Fast settings for the Captum methods; the defaults are for real use.
-FAST = {"integrated_gradients": {"n_steps": 4, "internal_batch_size": 32}, "occlusion": {"perturbations_per_eval": 64}}
+FAST = {
+    "integrated_gradients": {"n_steps": 4, "internal_batch_size": 32},
+    "attention_ig": {"n_steps": 4},
+    "occlusion": {"perturbations_per_eval": 64},
+}
 CAPTION = "Axial CT of the abdomen showing a mass in the upper left zone."
 
 
@@ -54,26 +59,9 @@ def held_out():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The demo model trained as `run_demo` trains it, for 8 of its 12 epochs (2000 phantoms, lr 1.5e-3; about
-    25 s on one thread), saved as a loadable checkpoint."""
-    from medblip_peft.train import adapt
-
-    model, processor = tiny_blip(seed=0, **DEMO_MODEL)
-    torch.manual_seed(0)
-    result = adapt(
-        model,
-        make_phantoms(2000, seed=0, image_size=DEMO_MODEL["image_size"]),
-        strategy="full",
-        processor=processor,
-        output_dir=tmp_path_factory.mktemp("explain-full"),
-        **{**DEMO_TRAINING, "num_epochs": 8},  # 8 of the demo's 12 epochs keep the suite fast
-        report_to="none",
-        progress=False,
-        cpu=True,
-        seed=0,
-    )
-    return result
+def trained(demo_run) -> Captioner:
+    """The demo model (`run_demo`: 2000 phantoms, 32 epochs), reloaded from its checkpoint."""
+    return Captioner.from_pretrained(demo_run["output_dir"], device="cpu")
 
 
 # --- shapes and normalisation -------------------------------------------------------------------------------
@@ -202,7 +190,7 @@ def test_save_needs_matplotlib_and_says_so(untrained, monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def grounding(trained):
     held_out = make_phantoms(40, seed=2, image_size=DEMO_MODEL["image_size"])
-    return grounding_score(trained.captioner(device="cpu"), held_out)
+    return grounding_score(trained, held_out)
 
 
 def test_grounding_report_and_the_methods_that_localise(grounding):
@@ -211,22 +199,56 @@ def test_grounding_report_and_the_methods_that_localise(grounding):
     assert 0.02 < baseline < 0.06  # lesion area fraction of the phantoms
     for method, scores in grounding["methods"].items():
         assert 0.0 <= scores["pointing_game"] <= 1.0 and 0.0 <= scores["energy"] <= 1.0, method
-    # Perturbing the pixels finds the lesion far above chance (0.44-0.45 for seed 0; 0.29-0.59 over three
-    # training seeds), although saturated log-probabilities and default answers keep it below 0.8.
-    for method in ("occlusion", "integrated_gradients"):
-        scores = grounding["methods"][method]
-        assert scores["pointing_game"] >= 0.25 and scores["pointing_game"] > 5 * baseline, grounding
-        assert scores["energy"] > 1.5 * grounding["baseline"]["energy"], grounding
+    # On these 28 phantoms (84 location tokens) the demo model gives attention_ig 0.83, occlusion 0.80,
+    # cross-attention 0.66, grad x attention 0.43 and integrated gradients 0.31 (docs/explain.md has 100).
+    methods = grounding["methods"]
+    assert methods["attention_ig"]["pointing_game"] >= 0.7, grounding
+    assert methods["occlusion"]["pointing_game"] >= 0.65, grounding
+    for method, scores in methods.items():  # every method points at the lesion far more often than chance
+        assert scores["pointing_game"] > 5 * baseline, (method, grounding)
+        assert scores["energy"] > 1.5 * grounding["baseline"]["energy"], (method, grounding)
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="Issue #4 asks for >= 0.8, but the demo model's decoder does not attend to the lesion: it reads the "
-    "lesion-free inner cells instead (grad x attention 0.00 on the 12-epoch demo model, 0.12-0.15 on 8-epoch "
-    "models; docs/explain.md).",
+    reason="Issue #4 asks for >= 0.8. Grad x attention reads the gradient at the model's own, saturated "
+    "attention: 0.41 on the demo model (100 phantoms), 0.26-0.38 on the finding words whose lesion occlusion "
+    "shows to be causal (0.98-1.00); attention_ig integrates the same gradient from uniform attention and "
+    "reaches 0.80 (docs/explain.md).",
 )
 def test_grad_x_attention_pointing_game_reaches_0_8(grounding):
     assert grounding["methods"]["grad_x_attention"]["pointing_game"] >= 0.8
+
+
+def test_attention_ig_is_complete_and_starts_from_uniform_attention(trained):
+    from medblip_peft.explain.core import prepare
+    from medblip_peft.explain.methods import attention_path_attributions
+
+    image = make_phantoms(1, seed=2, image_size=DEMO_MODEL["image_size"])[0]["image"]
+    target, *_ = prepare(trained, image, caption=CAPTION)
+    modules = target.attention_probability_modules()
+
+    def uniform(module, inputs, output):
+        return torch.full_like(output, 1.0 / output.shape[-1])
+
+    with torch.no_grad():
+        embeds = target.image_embeds()
+        actual = target.logprobs_from_embeds(embeds)[0]
+        # The path's start: on zero image embeddings every query weights all 1 + P positions alike.
+        seen: list[torch.Tensor] = []
+        hook = modules[-1].register_forward_hook(lambda m, i, o: seen.append(o))
+        target.decode(torch.zeros_like(embeds))
+        hook.remove()
+        torch.testing.assert_close(seen[0], torch.full_like(seen[0], 1.0 / seen[0].shape[-1]))
+        hooks = [m.register_forward_hook(uniform) for m in modules]
+        flat = target.logprobs_from_embeds(embeds)[0]
+        for hook in hooks:
+            hook.remove()
+    per_layer = attention_path_attributions(target, list(range(len(modules))), n_steps=32, internal_batch_size=64)
+    total = sum(m.sum((1, 2, 3)) for m in per_layer).detach()
+    change = actual - flat
+    assert change.abs().max() > 1.0  # the trained model's attention matters, so there is something to check
+    torch.testing.assert_close(total, change, atol=0.02, rtol=0.02)
 
 
 @register_method("_image_brightness", summary="test-only: ignores the model entirely")
@@ -237,7 +259,7 @@ def _image_brightness(target):
 
 
 def test_randomization_check_separates_trained_from_randomised(trained, held_out):
-    captioner = trained.captioner(device="cpu")
+    captioner = trained
     images = [row["image"] for row in held_out.select(range(4))]
     report = randomization_check(captioner, images, methods=["grad_x_attention", "_image_brightness"])
     assert report["grad_x_attention"]["passed"], report
@@ -250,7 +272,7 @@ def test_randomization_check_separates_trained_from_randomised(trained, held_out
     np.testing.assert_allclose(before, again)
 
 
-def test_cli_writes_overlays(trained, held_out, tmp_path, capsys):
+def test_cli_writes_overlays(demo_run, held_out, tmp_path, capsys):
     from PIL import Image
 
     from medblip_peft.cli import main
@@ -258,7 +280,7 @@ def test_cli_writes_overlays(trained, held_out, tmp_path, capsys):
     image_path = tmp_path / "phantom.png"
     held_out[0]["image"].save(image_path)
     out = tmp_path / "out"
-    code = main(["explain", str(image_path), "--checkpoint", str(trained.output_dir), "--method",
+    code = main(["explain", str(image_path), "--checkpoint", demo_run["output_dir"], "--method",
                  "grad_x_attention", "occlusion", "--out", str(out), "--num-beams", "1"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -290,6 +312,6 @@ def test_explain_lora_checkpoint(tmp_path, quick):
     captioner = Captioner.from_pretrained(result.output_dir, device="cpu")
     assert isinstance(captioner.model, PeftModel)
     image = make_phantoms(1, seed=9)[0]["image"]
-    for method in ("grad_x_attention", "integrated_gradients"):
+    for method in ("grad_x_attention", "attention_ig", "integrated_gradients"):
         exp = explain(captioner, image, method=method, caption=CAPTION, **FAST.get(method, {}))
         _check_maps(exp, grid=4, image_size=64, n_tokens=len(exp.tokens))

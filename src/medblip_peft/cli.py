@@ -244,7 +244,7 @@ def add_ablate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategies", nargs="+", default=["full", "encoder", "decoder", "lora"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, help="optimizer steps per strategy (overrides --epochs)")
-    p.add_argument("--epochs", type=int, help="epochs per strategy (phantom default: the demo's 12)")
+    p.add_argument("--epochs", type=int, help="epochs per strategy (phantom default: the demo's 32)")
     p.add_argument("--learning-rate", type=float, help="one learning rate for every strategy")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--train-size", type=int, default=2000, help="phantom mode: training phantoms")

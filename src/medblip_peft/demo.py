@@ -19,7 +19,7 @@ __all__ = ["DEMO_MODEL", "DEMO_TRAINING", "phantom_accuracy", "run_demo"]
 DEMO_MODEL: dict[str, Any] = {"image_size": 64, "patch_size": 16, "hidden_size": 64, "num_layers": 2}
 # How the demo trains it (on 2,000 phantoms): tests and benchmarks that need "the demo model" reuse these.
 DEMO_TRAINING: dict[str, Any] = {
-    "num_epochs": 12,
+    "num_epochs": 32,
     "learning_rate": 1.5e-3,
     "batch_size": 16,
     "warmup_ratio": 0.1,
@@ -27,18 +27,20 @@ DEMO_TRAINING: dict[str, Any] = {
 
 
 def phantom_accuracy(predictions: Sequence[str], dataset) -> dict[str, float]:
-    """Accuracy of modality, side, level, and side-and-level together, parsed from predicted captions.
+    """Accuracy of modality, side, level, side-and-level together and (when the dataset has a ``finding``
+    column) the finding word, parsed from predicted captions.
 
-    A lesion-free phantom counts as correct for side and level only when the caption names neither.
+    A lesion-free phantom counts as correct for side, level and finding only when the caption names none.
     """
     from medblip_peft.data.phantoms import parse_phantom_caption
 
     if len(predictions) != len(dataset):
         raise ValueError(f"{len(predictions)} predictions for {len(dataset)} phantoms; they must match.")
     n = max(len(predictions), 1)
-    hits = {"modality": 0, "side": 0, "level": 0, "side_and_level": 0}
-    for pred, modality, side, level in zip(
-        predictions, dataset["modality"], dataset["side"], dataset["level"]
+    findings = dataset["finding"] if "finding" in dataset.column_names else None
+    hits = {"modality": 0, "side": 0, "level": 0, "side_and_level": 0, **({"finding": 0} if findings else {})}
+    for i, (pred, modality, side, level) in enumerate(
+        zip(predictions, dataset["modality"], dataset["side"], dataset["level"])
     ):
         got = parse_phantom_caption(pred)
         side_ok, level_ok = (got.side or "") == side, (got.level or "") == level
@@ -46,6 +48,8 @@ def phantom_accuracy(predictions: Sequence[str], dataset) -> dict[str, float]:
         hits["side"] += side_ok
         hits["level"] += level_ok
         hits["side_and_level"] += side_ok and level_ok
+        if findings:
+            hits["finding"] += (got.finding or "") == findings[i]
     return {k: v / n for k, v in hits.items()}
 
 

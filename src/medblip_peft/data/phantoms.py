@@ -31,7 +31,9 @@ _MODALITY_PHRASES = {
     "ultrasound": ["Ultrasound image", "Sonographic image", "Ultrasound scan"],
 }
 _REGION = {"CT": "abdomen", "MRI": "brain", "radiograph": "chest", "ultrasound": "liver"}
-_FINDINGS = ["mass", "nodule", "lesion"]
+# The finding word is read from the lesion's size, as in chest radiology (a nodule is small, a mass is large),
+# so that every word of a lesion caption except the synonyms is decided by the pixels.
+FINDING_RADII = {"nodule": (0.08, 0.10), "mass": (0.115, 0.135)}  # fractions of the image width
 _VERBS = ["showing", "demonstrating", "with"]
 _PLACES = ["zone", "region", "quadrant"]
 _NORMAL = ["showing no focal lesion", "with no focal lesion", "demonstrating no focal lesion"]
@@ -39,20 +41,21 @@ _NORMAL = ["showing no focal lesion", "with no focal lesion", "demonstrating no 
 
 @dataclass(frozen=True)
 class PhantomLabels:
-    """What a phantom caption says: modality, side and level (``None`` when there is no lesion)."""
+    """What a phantom caption says: modality, side, level and finding (``None`` when there is no lesion)."""
 
     modality: str | None
     side: str | None
     level: str | None
+    finding: str | None = None
 
 
-def _caption(rng: np.random.Generator, modality: str, side: str | None, level: str | None) -> str:
+def _caption(
+    rng: np.random.Generator, modality: str, side: str | None, level: str | None, finding: str | None
+) -> str:
     head = f"{rng.choice(_MODALITY_PHRASES[modality])} of the {_REGION[modality]}"
     if side is None:
         return f"{head} {rng.choice(_NORMAL)}."
-    return (
-        f"{head} {rng.choice(_VERBS)} a {rng.choice(_FINDINGS)} in the {level} {side} {rng.choice(_PLACES)}."
-    )
+    return f"{head} {rng.choice(_VERBS)} a {finding} in the {level} {side} {rng.choice(_PLACES)}."
 
 
 _MODALITY_PATTERNS = [
@@ -64,12 +67,13 @@ _MODALITY_PATTERNS = [
 
 
 def parse_phantom_caption(caption: str) -> PhantomLabels:
-    """Read modality, side and level back out of a (generated) caption in the phantom grammar."""
+    """Read modality, side, level and finding back out of a (generated) caption in the phantom grammar."""
     text = caption.lower()
     modality = next((name for name, pat in _MODALITY_PATTERNS if re.search(pat, text)), None)
     side = next((s for s in SIDES if re.search(rf"\b{s}\b", text)), None)
     level = next((lv for lv in LEVELS if re.search(rf"\b{lv}\b", text)), None)
-    return PhantomLabels(modality, side, level)
+    finding = next((f for f in FINDING_RADII if re.search(rf"\b{f}\b", text)), None)
+    return PhantomLabels(modality, side, level, finding)
 
 
 def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,13 +112,16 @@ def _body(modality: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _lesion_centre(side: str, level: str, rng: np.random.Generator) -> tuple[float, float]:
-    # Radiological convention: the patient's left is on the image's right. Centres fall within 0.32-0.40 or
-    # 0.60-0.68 of the width/height: near the centres of the inner cells of a 4x4 patch grid (the demo model),
-    # so that a heatmap peak at patch resolution can land inside the lesion; finer grids resolve them easily.
-    low, high = (0.32, 0.40), (0.60, 0.68)
-    cx = rng.uniform(*high) if side == "left" else rng.uniform(*low)
-    cy = rng.uniform(*low) if level == "upper" else rng.uniform(*high)
-    return cx, cy
+    # Radiological convention: the patient's left is on the image's right. Each quadrant offers four centres,
+    # at 1/8, 3/8, 5/8 or 7/8 of the width and height (the cell centres of a 4x4 grid, which is the demo
+    # model's patch grid), jittered by up to 3% of the image. With four possible cells per quadrant the
+    # lesion itself is the strongest evidence for its side and level: with one fixed spot per quadrant, a
+    # model can equally well read which spots are *empty*, and its explanations then point away from the
+    # lesion (measured: pointing game 0.00 for attention maps on the demo model; docs/explain.md).
+    columns = (0.625, 0.875) if side == "left" else (0.125, 0.375)
+    rows = (0.125, 0.375) if level == "upper" else (0.625, 0.875)
+    jitter = rng.uniform(-0.03, 0.03, size=2)
+    return float(rng.choice(columns) + jitter[0]), float(rng.choice(rows) + jitter[1])
 
 
 def make_phantoms(
@@ -145,7 +152,18 @@ def make_phantoms(
 
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {
-        k: [] for k in ("image_id", "image", "caption", "modality", "side", "level", "mask", "lesion_box")
+        k: []
+        for k in (
+            "image_id",
+            "image",
+            "caption",
+            "modality",
+            "side",
+            "level",
+            "finding",
+            "mask",
+            "lesion_box",
+        )
     }
     x, y = _grid(image_size)
     for i in range(n):
@@ -153,12 +171,13 @@ def make_phantoms(
         has_lesion = rng.random() >= normal_fraction
         side = str(rng.choice(SIDES)) if has_lesion else None
         level = str(rng.choice(LEVELS)) if has_lesion else None
+        finding = str(rng.choice(list(FINDING_RADII))) if has_lesion else None
         img = _body(modality, image_size, rng)
         mask = np.zeros((image_size, image_size), dtype=bool)
         box = [-1, -1, -1, -1]
         if has_lesion:
             cx, cy = _lesion_centre(side, level, rng)
-            radius = rng.uniform(0.09, 0.12)
+            radius = rng.uniform(*FINDING_RADII[finding])
             mask = (x - cx) ** 2 + (y - cy) ** 2 < radius**2
             # Bright on every modality: dense on CT and radiographs, hyperintense on MRI, hyperechoic on
             # ultrasound (a dark lesion would look like the black outside of the fan).
@@ -168,10 +187,11 @@ def make_phantoms(
         pixels = (np.clip(img, 0, 1) * 255).astype(np.uint8)
         rows["image_id"].append(f"PHANTOM_{seed}_{i:05d}")
         rows["image"].append(Image.fromarray(pixels, mode="L").convert("RGB"))
-        rows["caption"].append(_caption(rng, modality, side, level))
+        rows["caption"].append(_caption(rng, modality, side, level, finding))
         rows["modality"].append(modality)
         rows["side"].append(side or "")
         rows["level"].append(level or "")
+        rows["finding"].append(finding or "")
         rows["mask"].append(Image.fromarray(mask.astype(np.uint8) * 255, mode="L"))
         rows["lesion_box"].append(box)
     features = datasets.Features(
@@ -182,6 +202,7 @@ def make_phantoms(
             "modality": datasets.Value("string"),
             "side": datasets.Value("string"),
             "level": datasets.Value("string"),
+            "finding": datasets.Value("string"),
             "mask": datasets.Image(),
             "lesion_box": datasets.Sequence(datasets.Value("int32"), length=4),
         }

@@ -78,6 +78,11 @@ class CaptionTarget:
         """The decoder's cross-attention cores (``BlipTextSelfAttention``), whose 2nd output is the attention."""
         return [layer.crossattention.self for layer in self.core.text_decoder.bert.encoder.layer]
 
+    def attention_probability_modules(self) -> list[torch.nn.Module]:
+        """Per decoder layer, the module whose output is the cross-attention that multiplies the values (the
+        attention dropout, an identity at inference): hooking it changes what the decoder reads."""
+        return [layer.crossattention.self.dropout for layer in self.core.text_decoder.bert.encoder.layer]
+
 
 def normalise(raw: torch.Tensor) -> torch.Tensor:
     """Keep the positive evidence and scale each token's map so its peak is 1 (all-zero maps stay zero).

@@ -53,6 +53,7 @@ ALL_METHODS = (
     "cross_attention",
     "attention_rollout",
     "grad_x_attention",
+    "attention_ig",
     "integrated_gradients",
     "occlusion",
 )
