@@ -125,7 +125,7 @@ def _shrink(path: Path) -> None:
 
 def save_overlays(captioner: Captioner, test, images_dir: Path, picks: list[int]) -> list[str]:
     """Small PNGs for the docs: per phantom, every method (rows) on its location tokens (columns); and the
-    full-caption grid that `Explanation.save` writes, for two methods on the first phantom."""
+    full-caption grid that `Explanation.save` writes, for three methods on the first phantom."""
     from matplotlib.figure import Figure
 
     from medblip_peft.explain import location_token_indices
@@ -154,7 +154,7 @@ def save_overlays(captioner: Captioner, test, images_dir: Path, picks: list[int]
         fig.savefig(path)
         _shrink(path)
         written.append(str(path))
-    for name in ("grad_x_attention", "occlusion"):
+    for name in ("attention_ig", "grad_x_attention", "occlusion"):
         exp = explain(captioner, test[picks[0]]["image"], method=name, generation={"num_beams": 1})
         path = images_dir / f"phantom{picks[0]}_{name}_grid.png"
         exp.plot(columns=8).savefig(path)

@@ -287,8 +287,9 @@ def add_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="trained model directory or Hub repo id")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     p.add_argument(
-        "--method", nargs="+", default=["grad_x_attention"],
-        help="cross_attention, attention_rollout, grad_x_attention (default), integrated_gradients, occlusion",
+        "--method", nargs="+", default=["attention_ig"],
+        help="attention_ig (default), cross_attention, attention_rollout, grad_x_attention, integrated_gradients, "
+        "occlusion (docs/explain.md: what each costs and how often it finds the lesion)",
     )
     p.add_argument("--out", required=True, help="directory for the overlays: OUT/<image>/<method>/")
     p.add_argument("--caption", help="explain this caption (teacher-forced) instead of the model's own")

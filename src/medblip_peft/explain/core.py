@@ -258,7 +258,7 @@ def explain(
     captioner: Captioner,
     image: Any,
     *,
-    method: str = "grad_x_attention",
+    method: str = "attention_ig",
     caption: str | None = None,
     tokens: Sequence[int | str] | None = None,
     generation: dict[str, Any] | None = None,
