@@ -25,6 +25,7 @@ def test_captions_state_the_truth(ds):
         got = parse_phantom_caption(row["caption"])
         assert got.modality == row["modality"]
         assert (got.side or "", got.level or "") == (row["side"], row["level"])
+        assert (got.finding or "") == row["finding"]
         if not row["side"]:
             assert "no focal lesion" in row["caption"]
 
@@ -45,6 +46,26 @@ def test_patient_left_is_on_the_image_right_and_masks_match_boxes(ds):
     for row in ds:
         if not row["side"]:
             assert not np.asarray(row["mask"]).any() and row["lesion_box"] == [-1, -1, -1, -1]
+
+
+def test_finding_word_follows_lesion_size_and_lesions_fill_their_grid_cell():
+    # The finding word must be readable from the pixels (nodule small, mass large), and each lesion centre
+    # must sit in one of the four 4x4-grid cells of its quadrant, so a patch-level peak can land inside it.
+    rows = [r for r in make_phantoms(200, seed=11, image_size=64) if r["side"]]
+    areas = {"nodule": [], "mass": []}
+    cells = set()
+    for row in rows:
+        mask = np.asarray(row["mask"]) > 0
+        areas[row["finding"]].append(mask.sum())
+        ys, xs = np.nonzero(mask)
+        cell = (int(ys.mean() // 16), int(xs.mean() // 16))
+        cells.add((row["side"], row["level"], cell))
+        assert mask.reshape(4, 16, 4, 16).any(axis=(1, 3))[cell], "the centre's own grid cell holds lesion"
+    assert max(areas["nodule"]) < min(areas["mass"]), "nodules and masses do not overlap in size"
+    # 4 quadrants x 4 cells, each quadrant's cells on its own side and level
+    assert len(cells) == 16
+    for side, level, (r, c) in cells:
+        assert (c >= 2) == (side == "left") and (r < 2) == (level == "upper")
 
 
 def test_modalities_look_different(ds):

@@ -1,9 +1,10 @@
 """Synthetic radiology "phantoms": images whose findings and lesion positions are known exactly.
 
 Each phantom is one of four modalities that look different (CT, MRI, radiograph, ultrasound), holds either no
-lesion or one round lesion in one of four positions, and comes with a caption drawn from a small grammar, the
-lesion's binary mask and its bounding box. They give tiny models a real learning task (modality, side and level
-must be read from the pixels) and explanations a real grounding task (the lesion mask is the truth).
+lesion or one round lesion (a small nodule or a large mass, in one of four cells of one of four quadrants), and
+comes with a caption drawn from a small grammar, the lesion's binary mask and its bounding box. They give tiny
+models a real learning task (modality, side, level and finding must be read from the pixels) and explanations a
+real grounding task (the lesion mask is the truth).
 
 Sides follow the radiological convention: images are displayed as if facing the patient, so the patient's
 **left** appears on the image's **right**. A caption that says "left" therefore describes a lesion whose
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-__all__ = ["MODALITIES", "PhantomLabels", "make_phantoms", "parse_phantom_caption"]
+__all__ = ["FINDING_RADII", "MODALITIES", "PhantomLabels", "make_phantoms", "parse_phantom_caption"]
 
 MODALITIES = ("CT", "MRI", "radiograph", "ultrasound")
 SIDES = ("left", "right")
