@@ -67,9 +67,9 @@ def base_timing(ig_steps: int, ig_batch: int, occlusion_batch: int) -> dict:
     """The real BLIP-base architecture with random weights, one teacher-forced caption, CPU.
 
     The attention methods (attention_ig with its defaults: 16 steps, 16 decoder copies per pass) are timed end
-    to end. Integrated gradients (tokens x n_steps vision forward and
-    backward passes) and occlusion (577 vision forward passes) would take tens of minutes on a small CPU, so
-    their cost is measured per batch of passes and multiplied out; the JSON says which numbers are which.
+    to end. Integrated gradients (tokens x n_steps vision forward and backward passes) and occlusion (577
+    vision forward passes) would take tens of minutes on a small CPU, so their cost is measured per batch of
+    passes and multiplied out; the JSON says which numbers are which.
     """
     from transformers import BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
 
