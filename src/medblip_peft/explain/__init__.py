@@ -1,13 +1,13 @@
 """Explain captions: which image patches each generated token rests on, and whether that can be trusted.
 
 >>> from medblip_peft.explain import explain                                   # doctest: +SKIP
->>> exp = explain(captioner, "scan.png", method="grad_x_attention")            # doctest: +SKIP
+>>> exp = explain(captioner, "scan.png")  # method="attention_ig"           # doctest: +SKIP
 >>> exp.tokens, exp.heatmaps.shape, exp.peaks                                   # doctest: +SKIP
 >>> exp.save("overlays/")                                                       # doctest: +SKIP
 
-Methods (registry `METHODS`): ``cross_attention``, ``attention_rollout``, ``grad_x_attention``,
-``integrated_gradients`` and ``occlusion``; see `medblip_peft.explain.methods` for what each costs, and
-docs/explain.md for when to use which. `grounding_score` and `randomization_check` test them.
+Methods (registry `METHODS`): ``attention_ig`` (the default), ``cross_attention``, ``attention_rollout``,
+``grad_x_attention``, ``integrated_gradients`` and ``occlusion``; see `medblip_peft.explain.methods` for what
+each costs, and docs/explain.md for when to use which. `grounding_score` and `randomization_check` test them.
 """
 
 from __future__ import annotations
