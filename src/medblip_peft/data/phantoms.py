@@ -152,20 +152,20 @@ def make_phantoms(
         raise ValueError(f"`normal_fraction` must be in [0, 1), got {normal_fraction}.")
 
     rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {
-        k: []
-        for k in (
-            "image_id",
-            "image",
-            "caption",
-            "modality",
-            "side",
-            "level",
-            "finding",
-            "mask",
-            "lesion_box",
-        )
-    }
+    features = datasets.Features(
+        {
+            "image_id": datasets.Value("string"),
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "modality": datasets.Value("string"),
+            "side": datasets.Value("string"),
+            "level": datasets.Value("string"),
+            "finding": datasets.Value("string"),
+            "mask": datasets.Image(),
+            "lesion_box": datasets.Sequence(datasets.Value("int32"), length=4),
+        }
+    )
+    rows: dict[str, list] = {name: [] for name in features}
     x, y = _grid(image_size)
     for i in range(n):
         modality = str(modalities[i % len(modalities)])
@@ -195,17 +195,4 @@ def make_phantoms(
         rows["finding"].append(finding or "")
         rows["mask"].append(Image.fromarray(mask.astype(np.uint8) * 255, mode="L"))
         rows["lesion_box"].append(box)
-    features = datasets.Features(
-        {
-            "image_id": datasets.Value("string"),
-            "image": datasets.Image(),
-            "caption": datasets.Value("string"),
-            "modality": datasets.Value("string"),
-            "side": datasets.Value("string"),
-            "level": datasets.Value("string"),
-            "finding": datasets.Value("string"),
-            "mask": datasets.Image(),
-            "lesion_box": datasets.Sequence(datasets.Value("int32"), length=4),
-        }
-    )
     return datasets.Dataset.from_dict(rows, features=features)

@@ -51,6 +51,12 @@ class CaptionTarget:
         pixels = self.pixel_values if pixel_values is None else pixel_values
         return self.core.vision_model(pixel_values=pixels).last_hidden_state
 
+    def image_embeds_per_token(self) -> torch.Tensor:
+        """The vision tower's output, run once without gradients and copied once per explained token,
+        ``(T, 1 + P, D)``: batch row *t* is where the decoder-side methods explain token *t*."""
+        with torch.no_grad():
+            return self.image_embeds().expand(self.num_tokens, -1, -1).clone()
+
     def decode(self, image_embeds: torch.Tensor, *, output_attentions: bool = False):
         """The text decoder on `image_embeds` (batch B), with the caption repeated B times."""
         batch = image_embeds.shape[0]

@@ -173,8 +173,7 @@ def grad_x_attention(target: CaptionTarget, *, layers: Any, heads: Any) -> torch
     # The vision tower runs once; the decoder runs on one copy of its output per token, each copy with its
     # own target column, so one batched backward gives every token's gradient. The attention module returns
     # (context, probabilities), and Captum's attributions follow that tuple.
-    with torch.no_grad():
-        embeds = target.image_embeds().expand(target.num_tokens, -1, -1).clone()
+    embeds = target.image_embeds_per_token()
     # With frozen weights (LoRA, or a model loaded for inference) nothing upstream of the attention would
     # require grad, and Captum could not differentiate through it; a grad-requiring input puts it in the graph.
     attributions = LayerGradientXActivation(target.logprobs_from_embeds, chosen).attribute(
@@ -231,8 +230,7 @@ def attention_path_attributions(
     from captum.attr import LayerIntegratedGradients
 
     modules = target.attention_probability_modules()
-    with torch.no_grad():
-        embeds = target.image_embeds().expand(target.num_tokens, -1, -1).clone()
+    embeds = target.image_embeds_per_token()
     with warnings.catch_warnings():
         # Captum warns that a later layer depends on an earlier one. Here every chosen layer's attention is
         # replaced by its own point on the path, so the joint path is well defined (and complete).
