@@ -463,7 +463,17 @@ def adapt(
         if manifest.count:
             summary += f"; {manifest.count} samples skipped (see {manifest.path})"
         print(summary)
-    accelerator.end_training()
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    # Not `accelerator.end_training()`: that also destroys the process group, which belongs to the process
+    # (torchrun, `accelerate launch`), not to this run. A second adapt() in the same process (ablate, a
+    # notebook) needs it, and with gloo a destroyed group whose last owner is the DDP wrapper is torn down when
+    # the wrapper is freed, joining gloo worker threads that can be waiting for the GIL the freeing thread
+    # holds (a deadlock seen 2-3 times in 25 two-process runs on a loaded 2-core machine). Free the wrapper
+    # here, while the group lives on.
+    peak_memory = _peak_memory(accelerator.device)
+    del loss_module, optimizer, train_loader, scheduler
+    accelerator.free_memory()
     return AdaptResult(
         model=final_model,
         processor=processor,
@@ -473,7 +483,7 @@ def adapt(
         trainable_params=report["all"]["trainable"],
         total_params=report["all"]["total"],
         train_seconds=train_seconds,
-        peak_memory_bytes=_peak_memory(accelerator.device),
+        peak_memory_bytes=peak_memory,
         strategy=strategy,
         parameter_report=report,
         skipped=manifest.count,

@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument("--config", default="{}", help="AdaptConfig fields as JSON")
     parser.add_argument("--kill-after-step", type=int)
     parser.add_argument("--kill-during-save", type=int)
+    parser.add_argument(
+        "--again", action="store_true", help="then train once more in the same process (one step, no eval)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -91,11 +94,20 @@ def main() -> None:
         output_dir=args.output_dir,
         **{"report_to": "none", "progress": False, "cpu": True, **json.loads(args.config)},
     )
+    again = None
+    if args.again:  # the process group must outlive one adapt() call (ablate, notebooks under torchrun)
+        model, processor = tiny_blip(seed=0)
+        again = train.adapt(
+            model, make_phantoms(8, seed=5, image_size=64), strategy=args.strategy, processor=processor,
+            output_dir=f"{args.output_dir}-again", report_to="none", progress=False, cpu=True, max_steps=1,
+            batch_size=4,
+        ).history  # fmt: skip
     state = PartialState()
     if args.result_dir and state.is_main_process:
         out = Path(args.result_dir)
         out.mkdir(parents=True, exist_ok=True)
         summary = {"history": result.history, "metrics": result.metrics, "num_processes": state.num_processes}
+        summary["again_history"] = again
         (out / "result.json").write_text(json.dumps(summary))
         weights = {n: p.detach().clone().contiguous() for n, p in result.model.named_parameters()}
         save_file(weights, str(out / "weights.safetensors"))
