@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def _finish(name: str, proc: subprocess.Popen, timeout: float) -> None:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         pytest.fail(f"{name}: still running after {timeout} s (hung?); its output ends:\n{out[-3000:]}")
     assert proc.returncode == 0, f"{name}: {out[-3000:]}"
@@ -62,12 +63,13 @@ def test_two_cpu_processes_equal_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     launcher += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    # Each run in its own session, so that a hung one can be killed with all of torchrun's workers.
+    popen = {"env": env, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True,
+             "start_new_session": True}  # fmt: skip
     runs = {
-        "one": subprocess.Popen([sys.executable, *_script_args(tmp_path / "one", 8)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-        "two": subprocess.Popen([*launcher, *_script_args(tmp_path / "two", 4)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-    }  # fmt: skip
+        "one": subprocess.Popen([sys.executable, *_script_args(tmp_path / "one", 8)], **popen),
+        "two": subprocess.Popen([*launcher, *_script_args(tmp_path / "two", 4)], **popen),
+    }
     for name, proc in runs.items():
         _finish(name, proc, timeout=240)
 

@@ -469,7 +469,7 @@ def adapt(
     # (torchrun, `accelerate launch`), not to this run. A second adapt() in the same process (ablate, a
     # notebook) needs it, and with gloo a destroyed group whose last owner is the DDP wrapper is torn down when
     # the wrapper is freed, joining gloo worker threads that can be waiting for the GIL the freeing thread
-    # holds (a deadlock seen 2-3 times in 25 two-process runs on a loaded 2-core machine). Free the wrapper
+    # holds (a deadlock in 3 of 35 two-process runs on a loaded 2-core machine). Free the wrapper
     # here, while the group lives on.
     peak_memory = _peak_memory(accelerator.device)
     del loss_module, optimizer, train_loader, scheduler
@@ -490,4 +490,3 @@ def adapt(
         truncated_captions=collator.truncated,
         prompt=config.prompt,
     )
-
