@@ -467,10 +467,10 @@ def adapt(
         tracker.finish()
     # Not `accelerator.end_training()`: that also destroys the process group, which belongs to the process
     # (torchrun, `accelerate launch`), not to this run. A second adapt() in the same process (ablate, a
-    # notebook) needs it, and with gloo a destroyed group whose last owner is the DDP wrapper is torn down when
-    # the wrapper is freed, joining gloo worker threads that can be waiting for the GIL the freeing thread
-    # holds (a deadlock in 3 of 35 two-process runs on a loaded 2-core machine). Free the wrapper
-    # here, while the group lives on.
+    # notebook) needs it, and with gloo the destroyed group's last owner, the DDP wrapper, tore it down when
+    # freed, joining gloo worker threads that could be waiting for the GIL it held (a deadlock in 3 of 35
+    # two-process runs on a loaded 2-core machine). The wrapper and the device cache are released here, so
+    # the next run starts with the memory back.
     peak_memory = _peak_memory(accelerator.device)
     del loss_module, optimizer, train_loader, scheduler
     accelerator.free_memory()

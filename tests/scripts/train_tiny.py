@@ -85,6 +85,7 @@ def main() -> None:
     _install_kill_hooks(args)
     model, processor = tiny_blip(seed=0)
     eval_data = make_phantoms(args.eval_size, seed=7, image_size=64) if args.eval_size else None
+    quiet = {"report_to": "none", "progress": False, "cpu": True}
     result = train.adapt(
         model,
         make_phantoms(args.train_size, seed=3, image_size=64),
@@ -92,22 +93,21 @@ def main() -> None:
         processor=processor,
         eval_data=eval_data,
         output_dir=args.output_dir,
-        **{"report_to": "none", "progress": False, "cpu": True, **json.loads(args.config)},
+        **{**quiet, **json.loads(args.config)},
     )
     again = None
     if args.again:  # the process group must outlive one adapt() call (ablate, notebooks under torchrun)
         model, processor = tiny_blip(seed=0)
         again = train.adapt(
             model, make_phantoms(8, seed=5, image_size=64), strategy=args.strategy, processor=processor,
-            output_dir=f"{args.output_dir}-again", report_to="none", progress=False, cpu=True, max_steps=1,
-            batch_size=4,
+            output_dir=f"{args.output_dir}-again", max_steps=1, batch_size=4, **quiet,
         ).history  # fmt: skip
     state = PartialState()
     if args.result_dir and state.is_main_process:
         out = Path(args.result_dir)
         out.mkdir(parents=True, exist_ok=True)
-        summary = {"history": result.history, "metrics": result.metrics, "num_processes": state.num_processes}
-        summary["again_history"] = again
+        summary = {"history": result.history, "metrics": result.metrics, "num_processes": state.num_processes,
+                   "again_history": again}  # fmt: skip
         (out / "result.json").write_text(json.dumps(summary))
         weights = {n: p.detach().clone().contiguous() for n, p in result.model.named_parameters()}
         save_file(weights, str(out / "weights.safetensors"))
